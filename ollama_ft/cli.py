@@ -1,0 +1,156 @@
+"""`ollama-ft` command line. Thin: parse, build a config, call one stage function, print."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ollama_ft import __version__
+from ollama_ft.errors import OllamaFtError
+
+
+class Group(click.Group):
+    """Prints OllamaFtError without a traceback and exits non-zero."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OllamaFtError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\naborted", err=True)
+            sys.exit(130)
+
+
+def _echo(msg: str = "") -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ollama-ft")
+def main():
+    """Fine-tune DeepSeek bases with LoRA and run them in Ollama."""
+
+
+# --- train -----------------------------------------------------------------------------------
+def _train_options(f):
+    opts = [
+        click.option("--base", help="Local checkpoint folder, Hugging Face repo id, or alias "
+                     "(see `ollama-ft models`)."),
+        click.option("--data", type=click.Path(dir_okay=False), help="Training data: JSONL, JSON, "
+                     "CSV or Parquet."),
+        click.option("--name", help="Run and model name (runs/NAME)."),
+        click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory "
+                     "(default runs/NAME)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML file with the same keys as the flags; flags win."),
+        click.option("--epochs", type=float), click.option("--max-steps", type=int),
+        click.option("--lr", type=float, help="Learning rate (default 2e-4)."),
+        click.option("--batch-size", type=int), click.option("--grad-accum", type=int),
+        click.option("--max-len", type=int, help="Longest example in tokens (default 2048)."),
+        click.option("--warmup", type=float, help="Warmup: a ratio < 1 or a number of steps."),
+        click.option("--scheduler", help="linear, cosine (default), constant, ..."),
+        click.option("--weight-decay", type=float),
+        click.option("--lora-r", type=int), click.option("--lora-alpha", type=int),
+        click.option("--lora-dropout", type=float),
+        click.option("--lora-targets", help="Comma-separated modules (default: every linear)."),
+        click.option("--dora/--no-dora", default=None), click.option("--rslora/--no-rslora", default=None),
+        click.option("--eval-split", type=float, help="Fraction of the data held out for eval."),
+        click.option("--eval-data", type=click.Path(dir_okay=False)),
+        click.option("--early-stopping-patience", type=int),
+        click.option("--format", help="Data format: messages, sharegpt, alpaca, prompt-response, "
+                     "input-output (default: detected)."),
+        click.option("--chat-format", help="Force a chat format (deepseek-r1, deepseek-r1-0528, "
+                     "deepseek-llm, deepseek-coder)."),
+        click.option("--seed", type=int),
+        click.option("--save-steps", type=int, help="Checkpoint every N steps."),
+        click.option("--logging-steps", type=int),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None),
+        click.option("--precision", help="auto, bf16, fp16 or fp32."),
+        click.option("--device", help="auto, cpu, cuda or mps."),
+        click.option("--load-in-4bit/--no-load-in-4bit", default=None, help="QLoRA (CUDA + bitsandbytes)."),
+        click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint."),
+        click.option("--quant", help="GGUF types to export, comma-separated (default q4_k_m)."),
+        click.option("--export/--no-export", default=None, help="Stop after training."),
+        click.option("--register/--no-register", default=None, help="Do not register with Ollama."),
+        click.option("--allow-pickle/--no-allow-pickle", default=None,
+                     help="Accept .bin (pickle) weights."),
+        click.option("--trust-remote-code/--no-trust-remote-code", default=None),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_train_options
+def train(config_file, **flags):
+    """Fine-tune a LoRA adapter on your data (then export and register)."""
+    from ollama_ft.config import build_config
+    from ollama_ft.pipeline import run_pipeline
+
+    cfg = build_config(config_file, **flags)
+    run_pipeline(cfg, log=_echo)
+
+
+# --- data ------------------------------------------------------------------------------------
+@main.group()
+def data():
+    """Inspect training data."""
+
+
+@data.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--base", required=True, help="The base whose tokenizer and chat format to use.")
+@click.option("--format", "shape", help="Data format (default: detected).")
+@click.option("--chat-format", help="Force a chat format.")
+@click.option("--max-len", type=int, default=2048, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def data_check(file, base, shape, chat_format, max_len, as_json):
+    """Check FILE: format, rejects, duplicates, token lengths, truncation."""
+    import json
+
+    from ollama_ft.data.check import check_data
+    from ollama_ft.hub import resolve_base
+    from ollama_ft.train.trainer import load_tokenizer
+    from ollama_ft.config import RunConfig
+
+    resolved = resolve_base(base, chat_format=chat_format)
+    tokenizer = load_tokenizer(resolved, RunConfig())
+    _, _, report = check_data(file, tokenizer, resolved.chat_format, max_len, shape)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n".join(report.summary_lines()))
+
+
+# --- models ----------------------------------------------------------------------------------
+@main.command()
+def models():
+    """List the DeepSeek bases ollama-ft knows by alias."""
+    from ollama_ft.catalog import CATALOG
+
+    rows = [("ALIAS", "HUGGING FACE REPO", "ARCH", "CHAT FORMAT", "SIZE", "")]
+    for m in CATALOG:
+        rows.append((m.alias, m.repo_id, m.architecture, m.chat_format, m.params,
+                     "" if m.supported else "(not yet)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[5] if r[5] else ""))
+
+
+# --- demo ------------------------------------------------------------------------------------
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+@click.option("--steps", type=int, default=None, help="Training steps (default: the demo's own).")
+def demo(workdir, steps):
+    """Build a small DeepSeek-R1-shaped model, fine-tune it on the bundled sample, compare."""
+    from ollama_ft.demo import run_demo
+
+    run_demo(workdir, steps=steps, log=_echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

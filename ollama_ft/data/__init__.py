@@ -1,0 +1,1 @@
+"""Training data: read files, detect shapes, normalise to conversations, tokenize."""

