@@ -187,9 +187,11 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
     log(f"device: {device}, precision: {precision}")
     model = load_model(base, cfg, device, precision)
     from peft import get_peft_model
+    from transformers import set_seed
 
     from ollama_ft.train.lora import lora_config
 
+    set_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same adapter init
     model = get_peft_model(model, lora_config(cfg, base.architecture))
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on "
