@@ -123,3 +123,19 @@ def test_resume_without_checkpoint_and_qlora_on_cpu(tiny_base, tmp_path):
     with pytest.raises(ConfigError, match="needs a CUDA GPU and bitsandbytes"):
         train_stage(run_cfg(tmp_path, base, data, "q", load_in_4bit=True, max_steps=2),
                     log=lambda *a: None)
+
+
+def test_options_dora_rslora_checkpointing_and_eval_file(tiny_base, tmp_path):
+    import json as _json
+
+    base = tiny_base("r1-qwen")
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(FACTS))
+    ev = write_jsonl(tmp_path / "e.jsonl", qa_rows(FACTS[:2]))
+    result = train_stage(run_cfg(tmp_path, base, data, max_steps=4, save_steps=2, dora=True,
+                                 rslora=True, gradient_checkpointing=True, eval_data=str(ev),
+                                 lora_targets=["q_proj", "v_proj"]), log=lambda *a: None)
+    cfg = _json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and cfg["use_rslora"] and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert result.eval_loss is not None
+    rep = _json.loads((tmp_path / "t" / "data-report.json").read_text())
+    assert rep["eval"]["kept"] == 2
