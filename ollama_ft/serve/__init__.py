@@ -1,0 +1,1 @@
+"""`ollama-ft serve`: the bridge service speaking the Ollama API."""

@@ -1,0 +1,188 @@
+"""Models kept in Ollama's on-disk layout: content-addressed blobs plus manifests.
+
+    ROOT/models/blobs/sha256-<hex>
+    ROOT/models/manifests/<host>/<namespace>/<model>/<tag>
+
+ROOT is $OLLAMA_FT_HOME (default ~/.ollama-ft). Every write goes to a temporary name and
+is renamed into place, so a crash never leaves a half-written blob or manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+from ollama_ft.errors import OllamaError
+from ollama_ft.ollama.names import ModelName, parse_name
+
+MANIFEST_MEDIA = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_MEDIA = "application/vnd.docker.container.image.v1+json"
+LAYER = "application/vnd.ollama.image.{}"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class DigestMismatch(OllamaError):
+    pass
+
+
+class NotFound(OllamaError):
+    pass
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("OLLAMA_FT_HOME") or Path.home() / ".ollama-ft")
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST.fullmatch(digest or ""):
+        raise OllamaError(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+    return digest
+
+
+@dataclass
+class Manifest:
+    name: ModelName
+    data: dict
+    digest: str  # sha256 of the manifest bytes (what /api/tags shows, hex only)
+    size: int
+    modified: float
+
+    def layers(self, kind: str) -> list[dict]:
+        return [l for l in self.data.get("layers", []) if l.get("mediaType") == LAYER.format(kind)]
+
+
+class Store:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root or default_root()) / "models"
+        self.blobs = self.root / "blobs"
+        self.manifests = self.root / "manifests"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # --- blobs -------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / check_digest(digest).replace(":", "-")
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def write_blob(self, stream: BinaryIO | Iterable[bytes], digest: str | None = None,
+                   max_bytes: int | None = None) -> tuple[str, int]:
+        """Stream into the store, hashing on the way; a digest that does not match is refused."""
+        tmp = self.blobs / f".partial-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        h, size = hashlib.sha256(), 0
+        chunks = iter(lambda: stream.read(1 << 20), b"") if hasattr(stream, "read") else stream
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise OllamaError(f"blob larger than the limit of {max_bytes} bytes")
+                    h.update(chunk)
+                    f.write(chunk)
+            got = "sha256:" + h.hexdigest()
+            if digest is not None and got != digest:
+                raise DigestMismatch("digest mismatch")
+            os.replace(tmp, self.blob_path(got))
+            return got, size
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def write_json_blob(self, obj) -> tuple[str, int]:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        return self.write_blob([data])
+
+    def read_blob_text(self, digest: str) -> str:
+        return self.blob_path(digest).read_text(encoding="utf-8")
+
+    # --- manifests ---------------------------------------------------------------------
+    def _manifest_path(self, name: ModelName) -> Path:
+        return self.manifests.joinpath(*name.manifest_parts())
+
+    def _find(self, name: ModelName) -> Path | None:
+        """Case-insensitive lookup, as Ollama does."""
+        exact = self._manifest_path(name)
+        if exact.is_file():
+            return exact
+        for p in self.manifests.glob("*/*/*/*"):
+            if p.is_file() and tuple(x.lower() for x in p.relative_to(self.manifests).parts) == name.key:
+                return p
+        return None
+
+    def write_manifest(self, name: str | ModelName, config: dict, layers: list[dict]) -> Manifest:
+        name = parse_name(name) if isinstance(name, str) else name
+        cdigest, csize = self.write_json_blob(config)
+        data = {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA,
+                "config": {"mediaType": CONFIG_MEDIA, "digest": cdigest, "size": csize},
+                "layers": layers}
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        with self._lock:
+            old = self._find(name)
+            path = self._manifest_path(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, path)
+            if old is not None and old != path:
+                old.unlink()
+        return self.get(name)
+
+    def get(self, name: str | ModelName) -> Manifest:
+        mn = parse_name(name) if isinstance(name, str) else name
+        path = self._find(mn)
+        if path is None:
+            raise NotFound(f"model '{name if isinstance(name, str) else mn.short}' not found")
+        raw = path.read_bytes()
+        host, ns, model, tag = path.relative_to(self.manifests).parts
+        return Manifest(ModelName(host, ns, model, tag), json.loads(raw),
+                        hashlib.sha256(raw).hexdigest(), len(raw), path.stat().st_mtime)
+
+    def list(self) -> list[Manifest]:
+        out = []
+        for p in sorted(self.manifests.glob("*/*/*/*")):
+            if p.is_file() and not p.name.startswith("."):
+                host, ns, model, tag = p.relative_to(self.manifests).parts
+                try:
+                    out.append(self.get(ModelName(host, ns, model, tag)))
+                except (OSError, ValueError):
+                    continue
+        return out
+
+    def delete(self, name: str) -> None:
+        m = self.get(name)
+        with self._lock:
+            self._manifest_path(m.name).unlink()
+        self.prune()
+
+    def copy(self, source: str, destination: str) -> Manifest:
+        m = self.get(source)
+        dst = parse_name(destination)
+        with self._lock:
+            path = self._manifest_path(dst)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(m.data, separators=(",", ":")))
+            os.replace(tmp, path)
+        return self.get(dst)
+
+    def prune(self) -> int:
+        """Remove blobs no manifest references (Ollama prunes them too)."""
+        used = set()
+        for m in self.list():
+            used.add(m.data["config"]["digest"])
+            used.update(l["digest"] for l in m.data.get("layers", []))
+        removed = 0
+        for b in self.blobs.glob("sha256-*"):
+            if b.name.replace("-", ":", 1) not in used:
+                b.unlink()
+                removed += 1
+        return removed
