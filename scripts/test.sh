@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Go's text/template is the reference the template tests compare against (Debian: golang)
+if ! command -v go >/dev/null 2>&1; then
+  echo "installing Go (Debian package golang) for the template parity tests"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq golang >/dev/null
+fi
 exec .venv/bin/python -m pytest -rs "$@"

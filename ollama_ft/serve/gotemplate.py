@@ -501,8 +501,14 @@ def _print(*args):
     return "".join(out)
 
 
+_GO_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+                    "\u2029": "\\u2029"}
+
+
 def _json_fn(v):
-    return _json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    """Go's json.Marshal: map keys sorted, HTML characters escaped."""
+    s = _json.dumps(v, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return re.sub("[<>&\u2028\u2029]", lambda m: _GO_JSON_ESCAPES[m.group()], s)
 
 
 def _ts_type(v):
