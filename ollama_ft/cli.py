@@ -141,6 +141,20 @@ def models():
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[5] if r[5] else ""))
 
 
+# --- serve -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--listen", help="HOST:PORT (default 127.0.0.1:11435, or OLLAMA_FT_LISTEN).")
+@click.option("--api-key", help="Require Authorization: Bearer KEY (needed beyond loopback; "
+              "or OLLAMA_FT_API_KEY).")
+@click.option("--home", type=click.Path(file_okay=False), help="Model store (default "
+              "$OLLAMA_FT_HOME or ~/.ollama-ft).")
+def serve(listen, api_key, home):
+    """Serve the Ollama API on a llama.cpp engine (for Open WebUI and Ollama clients)."""
+    from ollama_ft.serve.server import serve as run_server
+
+    run_server(listen, api_key, home, log=_echo)
+
+
 # --- demo ------------------------------------------------------------------------------------
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)

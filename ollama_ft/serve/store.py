@@ -74,28 +74,17 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
+    def blob_writer(self, digest: str | None = None, max_bytes: int | None = None) -> "BlobWriter":
+        return BlobWriter(self, digest, max_bytes)
+
     def write_blob(self, stream: BinaryIO | Iterable[bytes], digest: str | None = None,
                    max_bytes: int | None = None) -> tuple[str, int]:
         """Stream into the store, hashing on the way; a digest that does not match is refused."""
-        tmp = self.blobs / f".partial-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
-        h, size = hashlib.sha256(), 0
         chunks = iter(lambda: stream.read(1 << 20), b"") if hasattr(stream, "read") else stream
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise OllamaError(f"blob larger than the limit of {max_bytes} bytes")
-                    h.update(chunk)
-                    f.write(chunk)
-            got = "sha256:" + h.hexdigest()
-            if digest is not None and got != digest:
-                raise DigestMismatch("digest mismatch")
-            os.replace(tmp, self.blob_path(got))
-            return got, size
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with self.blob_writer(digest, max_bytes) as w:
+            for chunk in chunks:
+                w.write(chunk)
+        return w.digest, w.size
 
     def write_json_blob(self, obj) -> tuple[str, int]:
         data = json.dumps(obj, separators=(",", ":")).encode()
@@ -186,3 +175,41 @@ class Store:
                 b.unlink()
                 removed += 1
         return removed
+
+
+class BlobWriter:
+    """Write chunks to a temporary file while hashing; on a clean exit, verify and rename."""
+
+    def __init__(self, store: Store, digest: str | None, max_bytes: int | None):
+        self.store, self.expected, self.max_bytes = store, digest, max_bytes
+        if digest is not None:
+            check_digest(digest)
+        self.tmp = store.blobs / f".partial-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        self.h = hashlib.sha256()
+        self.size = 0
+        self.digest: str | None = None
+
+    def __enter__(self):
+        self.f = open(self.tmp, "wb")
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise OllamaError(f"blob larger than the limit of {self.max_bytes} bytes")
+        self.h.update(chunk)
+        self.f.write(chunk)
+
+    def __exit__(self, exc_type, exc, tb):
+        self.f.close()
+        try:
+            if exc_type is None:
+                got = "sha256:" + self.h.hexdigest()
+                if self.expected is not None and got != self.expected:
+                    raise DigestMismatch("digest mismatch")
+                os.replace(self.tmp, self.store.blob_path(got))
+                self.digest = got
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+        return False

@@ -1,0 +1,286 @@
+"""The llama.cpp engine behind the bridge: load GGUF models on first use, keep them for
+keep_alive, unload least-recently-used ones under a memory budget, serialise requests to
+one model while different models run side by side, and generate with Ollama's options."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ollama_ft.errors import OllamaError
+
+# Ollama's defaults, overridden by the model's PARAMETERs, then by the request's options
+DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
+                   "typical_p": 1.0, "repeat_penalty": 1.1, "repeat_last_n": 64,
+                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_predict": -1,
+                   "num_ctx": int(os.environ.get("OLLAMA_CONTEXT_LENGTH", "4096")), "seed": -1,
+                   "num_batch": 512, "num_thread": 0, "stop": []}
+INT_OPTIONS = {"num_ctx", "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_batch",
+               "num_gpu", "main_gpu", "num_thread"}
+FLOAT_OPTIONS = {"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                 "frequency_penalty"}
+BOOL_OPTIONS = {"use_mmap", "numa", "use_mlock", "low_vram", "f16_kv", "vocab_only", "penalize_newline"}
+LIST_OPTIONS = {"stop"}
+VALID_OPTIONS = INT_OPTIONS | FLOAT_OPTIONS | BOOL_OPTIONS | LIST_OPTIONS
+
+
+class BadOption(OllamaError):
+    pass
+
+
+def check_options(options: dict | None, where: str = "options") -> dict:
+    """Type-check request options / Modelfile parameters the way Ollama does."""
+    out = {}
+    for k, v in (options or {}).items():
+        if k not in VALID_OPTIONS:
+            raise BadOption(f"invalid option provided: {k}" if where == "options"
+                            else f"unknown parameter '{k}'")
+        try:
+            if k in INT_OPTIONS:
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise TypeError
+                out[k] = int(v)
+            elif k in FLOAT_OPTIONS:
+                if isinstance(v, bool):
+                    raise TypeError
+                out[k] = float(v)
+            elif k in BOOL_OPTIONS:
+                if not isinstance(v, bool):
+                    raise TypeError
+                out[k] = v
+            else:
+                out[k] = [v] if isinstance(v, str) else [str(x) for x in v]
+        except (TypeError, ValueError):
+            raise BadOption(f"option \"{k}\" must be of type "
+                            f"{'integer' if k in INT_OPTIONS else 'number' if k in FLOAT_OPTIONS else 'boolean' if k in BOOL_OPTIONS else 'array'}") from None
+    return out
+
+
+def parse_keep_alive(value, default: float = 300.0) -> float:
+    """Seconds: numbers are seconds, strings are Go durations ("5m", "1h30m", "-1")."""
+    if value is None or value == "":
+        env = os.environ.get("OLLAMA_KEEP_ALIVE")
+        return parse_keep_alive(env) if env else default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float("inf") if value < 0 else float(value)
+    import re
+
+    s = str(value).strip()
+    if re.fullmatch(r"-?\d+(\.\d+)?", s):
+        v = float(s)
+        return float("inf") if v < 0 else v
+    total, pos = 0.0, 0
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    neg = s.startswith("-")
+    s = s.lstrip("+-")
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * units[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise BadOption(f"invalid duration \"{value}\" for keep_alive")
+    return float("inf") if neg else total
+
+
+@dataclass
+class Loaded:
+    key: tuple
+    name: str
+    digest: str
+    model_path: Path
+    adapter_path: Path | None
+    n_ctx: int
+    llm: object
+    size: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    expires_at: float = 0.0
+    last_used: float = 0.0
+    busy: int = 0
+    load_duration: float = 0.0
+
+
+class Engine:
+    def __init__(self, memory_budget: int | None = None, threads: int | None = None):
+        import psutil
+
+        self.budget = memory_budget or int(psutil.virtual_memory().available * 0.8)
+        self.threads = threads or os.cpu_count() or 1
+        self.models: dict[tuple, Loaded] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, daemon=True, name="ollama-ft-reaper")
+        self._reaper.start()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def close(self):
+        self._stop.set()
+        with self._lock:
+            for k in list(self.models):
+                self._unload(k)
+
+    def _reap(self):
+        while not self._stop.wait(1.0):
+            now = time.time()
+            with self._lock:
+                for k, m in list(self.models.items()):
+                    if m.busy == 0 and m.expires_at <= now:
+                        self._unload(k)
+
+    def _unload(self, key):
+        m = self.models.pop(key, None)
+        if m is not None:
+            try:
+                m.llm.close()
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+    def unload_name(self, name: str):
+        with self._lock:
+            for k, m in list(self.models.items()):
+                if m.name == name and m.busy == 0:
+                    self._unload(k)
+
+    @staticmethod
+    def estimate(model_path: Path, adapter_path: Path | None, n_ctx: int) -> int:
+        size = model_path.stat().st_size + (adapter_path.stat().st_size if adapter_path else 0)
+        return size + n_ctx * 64 * 1024  # weights + a rough KV-cache allowance
+
+    def acquire(self, name: str, digest: str, model_path: Path, adapter_path: Path | None,
+                n_ctx: int, keep_alive: float) -> "Lease":
+        key = (digest, str(adapter_path), n_ctx)
+        with self._lock:
+            m = self.models.get(key)
+            if m is None:
+                need = self.estimate(model_path, adapter_path, n_ctx)
+                self._make_room(need)
+                m = Loaded(key, name, digest, model_path, adapter_path, n_ctx, None, need)
+                self.models[key] = m
+            m.busy += 1
+            m.expires_at = float("inf")
+        return Lease(self, m, keep_alive)
+
+    def _make_room(self, need: int):
+        used = sum(m.size for m in self.models.values())
+        for k, m in sorted(self.models.items(), key=lambda kv: kv[1].last_used):
+            if used + need <= self.budget:
+                break
+            if m.busy == 0:
+                used -= m.size
+                self._unload(k)
+
+    def _ensure_loaded(self, m: Loaded):
+        if m.llm is not None:
+            return
+        from llama_cpp import Llama
+
+        t0 = time.perf_counter()
+        try:
+            m.llm = Llama(model_path=str(m.model_path), n_ctx=m.n_ctx, n_threads=self.threads,
+                          n_threads_batch=self.threads, lora_path=str(m.adapter_path) if m.adapter_path else None,
+                          verbose=False, seed=0)
+        except Exception as e:
+            raise OllamaError(f"the model failed to load: {e}") from None
+        m.load_duration = time.perf_counter() - t0
+
+    def ps(self) -> list[Loaded]:
+        with self._lock:
+            return [m for m in self.models.values() if m.llm is not None]
+
+
+class Lease:
+    """Holds one model for one request: its lock (requests to it are serialised)."""
+
+    def __init__(self, engine: Engine, m: Loaded, keep_alive: float):
+        self.engine, self.m, self.keep_alive = engine, m, keep_alive
+        self.load_duration = 0.0
+
+    def __enter__(self) -> "Lease":
+        self.m.lock.acquire()
+        try:
+            fresh = self.m.llm is None
+            self.engine._ensure_loaded(self.m)
+            self.load_duration = self.m.load_duration if fresh else 0.0
+        except BaseException:
+            self.m.lock.release()
+            self._release()
+            raise
+        return self
+
+    def _release(self):
+        with self.engine._lock:
+            self.m.busy -= 1
+            self.m.last_used = time.time()
+            self.m.expires_at = time.time() + self.keep_alive
+            if self.keep_alive <= 0 and self.m.busy == 0:
+                self.engine._unload(self.m.key)
+
+    def __exit__(self, *exc):
+        self.m.lock.release()
+        self._release()
+        return False
+
+    @property
+    def llm(self):
+        return self.m.llm
+
+    def tokenize(self, text: str) -> list[int]:
+        # as Ollama's runner: add_special follows the GGUF (add_bos_token), specials parsed
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def generate(self, prompt_tokens: list[int], options: dict, fmt=None) -> Iterator[dict]:
+        """Yield {"text": delta} events, then {"done": reason, counts, durations}."""
+        llm = self.llm
+        opts = {**DEFAULT_OPTIONS, **options}
+        n_ctx = self.m.n_ctx
+        if len(prompt_tokens) >= n_ctx:
+            prompt_tokens = prompt_tokens[-(n_ctx - 1):]
+        max_new = opts["num_predict"]
+        room = n_ctx - len(prompt_tokens)
+        max_tokens = room if max_new is None or max_new < 0 else min(max_new, room)
+        kwargs = dict(max_tokens=max_tokens, temperature=opts["temperature"], top_p=opts["top_p"],
+                      top_k=opts["top_k"], min_p=opts["min_p"], typical_p=opts["typical_p"],
+                      repeat_penalty=opts["repeat_penalty"], presence_penalty=opts["presence_penalty"],
+                      frequency_penalty=opts["frequency_penalty"], stop=opts["stop"] or None,
+                      seed=None if opts["seed"] < 0 else opts["seed"], stream=True)
+        if fmt is not None:
+            kwargs["grammar"] = _grammar(fmt)
+        t0 = time.perf_counter()
+        first = None
+        reason = "stop"
+        count = 0
+        for chunk in llm.create_completion(prompt_tokens, **kwargs):
+            choice = chunk["choices"][0]
+            if first is None:
+                first = time.perf_counter()
+            text = choice.get("text") or ""
+            count += 1
+            if text:
+                yield {"text": text}
+            if choice.get("finish_reason"):
+                reason = "length" if choice["finish_reason"] == "length" else "stop"
+        end = time.perf_counter()
+        first = first or end
+        eval_count = max(llm.n_tokens - len(prompt_tokens), 0) if hasattr(llm, "n_tokens") else count
+        yield {"done": reason, "prompt_eval_count": len(prompt_tokens),
+               "prompt_eval_duration": int((first - t0) * 1e9), "eval_count": eval_count,
+               "eval_duration": int((end - first) * 1e9), "load_duration": int(self.load_duration * 1e9),
+               "tokens": [int(t) for t in llm._input_ids[:llm.n_tokens]]
+               if hasattr(llm, "_input_ids") else [int(t) for t in prompt_tokens]}
+
+
+def _grammar(fmt):
+    from llama_cpp import LlamaGrammar
+
+    if fmt == "json":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    if isinstance(fmt, dict):
+        return LlamaGrammar.from_json_schema(json.dumps(fmt), verbose=False)
+    raise BadOption(f"invalid format: {fmt!r}; use \"json\" or a JSON schema")

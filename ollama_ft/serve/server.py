@@ -1,0 +1,55 @@
+"""Run the bridge: parse --listen, refuse an open bind without an API key, start uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from ollama_ft.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:11435"
+
+
+def parse_listen(value: str | None) -> tuple[str, int]:
+    value = value or os.environ.get("OLLAMA_FT_LISTEN") or DEFAULT_LISTEN
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, "11435"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port_n = int(port)
+        if not 0 <= port_n < 65536:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:11435") from None
+    return host, port_n
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(listen: str | None = None, api_key: str | None = None, home: str | None = None,
+          log=print) -> None:
+    import uvicorn
+
+    from ollama_ft.serve.app import Bridge
+
+    host, port = parse_listen(listen)
+    api_key = api_key or os.environ.get("OLLAMA_FT_API_KEY")
+    if not is_loopback(host) and not api_key:
+        raise ConfigError(f"binding {host} exposes the bridge beyond this machine: set --api-key "
+                          "(or OLLAMA_FT_API_KEY); clients then send Authorization: Bearer KEY")
+    bridge = Bridge(home=home, api_key=api_key)
+    log(f"ollama-ft bridge listening on http://{host}:{port} (models in {bridge.store.root})")
+    log(f"point clients at it: OLLAMA_HOST=http://{host}:{port}  "
+        f"Open WebUI: OLLAMA_BASE_URL=http://{host}:{port}")
+    try:
+        uvicorn.run(bridge.app(), host=host, port=port, log_level="warning", timeout_keep_alive=30)
+    finally:
+        bridge.engine.close()
