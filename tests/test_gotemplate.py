@@ -1,5 +1,5 @@
 """The bridge's Go-template interpreter against Go's real text/template, on tricky templates
-and on every template in modelfiles/."""
+and on every template in ollama_ft/modelfiles/."""
 
 import json
 import shutil
@@ -87,17 +87,10 @@ def test_corpus_matches_go(go_exec):
 
 def test_modelfile_templates_match_go(go_exec):
     """Every TEMPLATE we ship, over conversations of each shape, renders as Go renders it."""
-    files = sorted((HERE.parent / "modelfiles").glob("*"))
-    templates = []
-    for f in files:
-        if f.suffix == ".json":
-            t = json.loads(f.read_text()).get("template")
-        elif f.suffix in (".tmpl", ".gotmpl"):
-            t = f.read_text()
-        else:
-            continue
-        if t:
-            templates.append(t)
+    from ollama_ft.chat_formats import FORMATS
+    from ollama_ft.ollama.templates import template_for
+
+    templates = [template_for(name)[0] for name in FORMATS]
     convs = [MSGS[1:2], MSGS, MSGS[1:3], MSGS[:3] + [{"Role": "assistant", "Content": "part"}]]
     jobs = []
     for t in templates:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import secrets
 import time
 from typing import Iterator
@@ -25,8 +26,8 @@ from ollama_ft.serve.prompt import ThinkingSplitter
 from ollama_ft.serve.store import DigestMismatch, NotFound, Store
 
 OLLAMA_COMPAT_VERSION = "0.33.0"  # the API level the bridge speaks
-MAX_JSON_BODY = 32 * 2**20
-MAX_BLOB = 512 * 2**30
+MAX_JSON_BODY = int(os.environ.get("OLLAMA_FT_MAX_BODY", 32 * 2**20))
+MAX_BLOB = int(os.environ.get("OLLAMA_FT_MAX_BLOB", 512 * 2**30))
 
 
 def now_iso() -> str:
@@ -230,6 +231,8 @@ class Bridge:
             raise _HTTP(400, "think must be a boolean")
         if think and "thinking" not in model.capabilities:
             raise _HTTP(400, f'"{name}" does not support thinking')
+        if think is None and "thinking" in model.capabilities:
+            think = True  # as Ollama: a thinking model thinks unless told not to
         try:
             options = {**check_options(model.params, "parameters"),
                        **check_options(body.get("options"))}

@@ -1,0 +1,3 @@
+module ollama-ft/tests/gotmpl
+
+go 1.19
