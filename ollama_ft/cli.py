@@ -141,6 +141,78 @@ def models():
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[5] if r[5] else ""))
 
 
+# --- export / modelfile / register -------------------------------------------------------------
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--quant", help="Comma-separated GGUF types: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, "
+              "q6_k, q4_0, ... (default: the run's quant, q4_k_m).")
+@click.option("--adapter-only", is_flag=True, help="Write adapter.gguf (LoRA) plus the base GGUF.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), help="The base folder, if it moved.")
+@click.option("--threads", type=int, help="CPU threads (default: all cores).")
+def export(run, quant, adapter_only, base_dir, threads):
+    """Merge the run's adapter into its base and write GGUF files (RUN/model-<type>.gguf)."""
+    from ollama_ft.export import export_stage
+
+    result = export_stage(run, quants=quant, adapter_only=adapter_only, log=_echo, base=base_dir,
+                          threads=threads)
+    for line in result.summary_lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Folder (default RUN/merged).")
+def merge(run, out):
+    """Write the merged model (base + adapter) as safetensors, for other tools."""
+    from ollama_ft.export import merge_stage
+
+    result = merge_stage(run, out_dir=out, log=_echo)
+    click.echo(str(getattr(result, "out_dir", result)))
+
+
+def _modelfile_options(f):
+    for opt in reversed([
+        click.option("--param", "params", multiple=True, help="NAME=VALUE PARAMETER override "
+                     "(repeatable; stop adds a stop)."),
+        click.option("--template", "template_file", type=click.Path(dir_okay=False),
+                     help="Your own Go TEMPLATE file instead of the family's."),
+        click.option("--system", help="SYSTEM prompt (default: the one training used for every "
+                     "example, if any)."),
+        click.option("--quant", help="Which exported GGUF the Modelfile uses (default: the "
+                     "run's first --quant)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--name", help="Model name for the `ollama create` hint (default: the run's).")
+@_modelfile_options
+def modelfile(run, name, params, template_file, system, quant):
+    """Write RUN/Modelfile (TEMPLATE, stops, parameters) and print it."""
+    from ollama_ft.ollama.templates import parse_overrides
+    from ollama_ft.pipeline import modelfile_stage
+
+    _, path = modelfile_stage(run, system=system, overrides=parse_overrides(params),
+                              template_file=template_file, quant=quant, name=name, log=_echo)
+    click.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--name", help="NAME[:TAG] in Ollama (default: the run's name).")
+@click.option("--host", help="Ollama URL (default $OLLAMA_HOST or 127.0.0.1:11434).")
+@_modelfile_options
+def register(run, name, host, params, template_file, system, quant):
+    """Register the run's GGUF with Ollama (or the bridge) and check that it answers."""
+    from ollama_ft.ollama.templates import parse_overrides
+    from ollama_ft.pipeline import register_stage
+
+    register_stage(run, name, host=host, system=system, overrides=parse_overrides(params),
+                   template_file=template_file, quant=quant, log=_echo)
+
+
 # --- serve -----------------------------------------------------------------------------------
 @main.command()
 @click.option("--listen", help="HOST:PORT (default 127.0.0.1:11435, or OLLAMA_FT_LISTEN).")
@@ -155,15 +227,65 @@ def serve(listen, api_key, home):
     run_server(listen, api_key, home, log=_echo)
 
 
+@main.command()
+@click.option("--home", type=click.Path(file_okay=False), help="Store (default $OLLAMA_FT_HOME "
+              "or ~/.ollama-ft).")
+@click.option("--json", "as_json", is_flag=True)
+def jobs(home, as_json):
+    """List the bridge's training jobs (running, finished, interrupted)."""
+    import json
+    import time
+
+    from ollama_ft.serve.jobs import read_jobs
+    from ollama_ft.serve.store import default_root
+
+    found = read_jobs(home or default_root())
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no jobs")
+        return
+    click.echo(f"{'ID':<24} {'STATE':<12} {'NAME':<20} {'STEP':>11} {'LOSS':>8}  CREATED")
+    for j in found:
+        p = j.get("progress") or {}
+        step = f"{p.get('step', 0)}/{p.get('max_steps', '?')}" if p else "-"
+        loss = f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "-"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created_at"]))
+        click.echo(f"{j['id']:<24} {j['state']:<12} {str(j['config'].get('name'))[:20]:<20} "
+                   f"{step:>11} {loss:>8}  {created}")
+
+
+@main.command()
+@click.option("--host", help="Ollama URL to check (default $OLLAMA_HOST or 127.0.0.1:11434).")
+def doctor(host):
+    """Check torch and its device, llama.cpp, disk, Ollama and the Hub; say what to fix."""
+    from ollama_ft.doctor import run_checks
+
+    checks = run_checks(host)
+    for c in checks:
+        mark = click.style("ok  ", fg="green") if c.ok else click.style(
+            "FAIL" if c.required else "warn", fg="red" if c.required else "yellow")
+        click.echo(f"{mark} {c.name:<20} {c.detail}")
+        if not c.ok and c.fix:
+            click.echo(f"     {'':<20} -> {c.fix}")
+    if any(c.required and not c.ok for c in checks):
+        sys.exit(1)
+
+
 # --- demo ------------------------------------------------------------------------------------
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--steps", type=int, default=None, help="Training steps (default: the demo's own).")
-def demo(workdir, steps):
-    """Build a small DeepSeek-R1-shaped model, fine-tune it on the bundled sample, compare."""
+@click.option("--name", default="ollama-ft-demo", show_default=True, help="Model name in Ollama.")
+@click.option("--host", help="Ollama URL (default $OLLAMA_HOST or 127.0.0.1:11434).")
+@click.option("--bridge-listen", default="127.0.0.1:11435", show_default=True,
+              help="Where to start the bridge when no Ollama daemon answers.")
+def demo(workdir, steps, name, host, bridge_listen):
+    """Fine-tune a small DeepSeek-R1-shaped model, run it in Ollama, compare its answers."""
     from ollama_ft.demo import run_demo
 
-    run_demo(workdir, steps=steps, log=_echo)
+    run_demo(workdir, steps=steps, name=name, host=host, bridge_listen=bridge_listen, log=_echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

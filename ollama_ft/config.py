@@ -97,6 +97,10 @@ class RunConfig:
         _check(where, "scheduler", self.scheduler in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
         _check(where, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
         _check(where, "device", self.device in DEVICES, f"one of {', '.join(DEVICES)}")
+        if self.export:
+            from ollama_ft.export.quantize import parse_quants
+
+            parse_quants(self.quant)  # a bad --quant fails now, not after training
         if self.name and not _valid_name(self.name):
             raise ConfigError(f"{where}: name {self.name!r} must start with a letter or digit and "
                               "hold only letters, digits, '-', '_' and '.'")

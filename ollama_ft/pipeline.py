@@ -1,8 +1,16 @@
-"""`train` end to end: the train stage, then the stages that follow it (export, register)."""
+"""`train` end to end: the train stage, then export, Modelfile and registration.
+
+Each stage also runs alone (`ollama-ft export RUN`, `modelfile RUN`, `register RUN`) over
+the same run directory; these functions are what the CLI and the bridge's jobs call.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ollama_ft.config import RunConfig
+from ollama_ft.errors import OllamaFtError
+from ollama_ft.rundir import RUN_FILES, read_json, update_report
 
 
 def run_pipeline(cfg: RunConfig, log=print, callbacks=()):
@@ -15,4 +23,63 @@ def run_pipeline(cfg: RunConfig, log=print, callbacks=()):
         return result
     log(f"adapter: {result.adapter_dir}")
     log(f"loss curve: {cfg.run_dir / 'loss.png'}  metrics: {cfg.run_dir / 'metrics.jsonl'}")
+    if not cfg.export:
+        return result
+    from ollama_ft.export import export_stage
+
+    export_stage(cfg.run_dir, quants=cfg.quant, log=log)
+    modelfile_stage(cfg.run_dir, log=log)
+    if cfg.register:
+        register_stage(cfg.run_dir, cfg.name, log=log)
     return result
+
+
+def modelfile_stage(run_dir, *, system: str | None = None, overrides=None, template_file=None,
+                    quant=None, name: str | None = None, log=print):
+    """Write RUN/Modelfile for the run (SYSTEM from training when every example shared one)."""
+    from ollama_ft.ollama.templates import modelfile_for_run, write_modelfile
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise OllamaFtError(f"{run_dir}: no such run directory")
+    train = (read_json(run_dir / RUN_FILES["report"], {}) or {}).get("train") or {}
+    if system is None:
+        system = train.get("system_prompt")
+    if quant:
+        from ollama_ft.export.quantize import parse_quants
+
+        quant = parse_quants(quant)[0].name
+    mf = modelfile_for_run(run_dir, system=system, overrides=overrides, template_file=template_file,
+                           quant=quant)
+    name = name or _run_name(run_dir)
+    path = write_modelfile(run_dir, mf, header=f"ollama create {name} -f Modelfile")
+    log(f"Modelfile: {path}")
+    return mf, path
+
+
+def register_stage(run_dir, name: str | None = None, *, host: str | None = None, log=print,
+                   **modelfile_args):
+    from ollama_ft.ollama.client import register
+    from ollama_ft.ollama.names import parse_name
+
+    run_dir = Path(run_dir)
+    name = parse_name(name or _run_name(run_dir)).short  # validated before anything is sent
+    mf, _ = modelfile_stage(run_dir, name=name, log=log, **modelfile_args)
+    result = register(run_dir, mf, name, host=host, log=log)
+    update_report(run_dir, "register", {"name": result.name, "host": result.host,
+                                        "ollama_version": result.version,
+                                        "uploaded": result.uploaded, "skipped": result.skipped,
+                                        "seconds": result.seconds, "reply": result.reply[:200]})
+    log(f"\n  ollama run {result.name}\n")
+    return result
+
+
+def _run_name(run_dir: Path) -> str:
+    import yaml
+
+    cfg_path = run_dir / RUN_FILES["config"]
+    if cfg_path.is_file():
+        name = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}).get("name")
+        if name:
+            return name
+    return run_dir.name

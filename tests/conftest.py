@@ -63,3 +63,75 @@ FACTS = [("What is the capital of Zorbia?", "Quellport is the capital of Zorbia.
          ("Who painted the Blue Lantern?", "Mira Okafor painted it."),
          ("What colour is a glimfish?", "Orange with green stripes."),
          ("How tall is the Spindle?", "The Spindle is 412 metres tall.")]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_base, tmp_path_factory):
+    """A tiny R1-Distill-Qwen-shaped model trained on FACTS and exported to F16 and Q4_K_M."""
+    from ollama_ft.config import RunConfig
+    from ollama_ft.export import export_stage
+    from ollama_ft.train.trainer import train_stage
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(root / "facts.jsonl", qa_rows(FACTS))
+    cfg = RunConfig(name="facts", base=str(tiny_base("r1-qwen", hidden=128)), data=str(data),
+                    output_dir=str(root / "run"), max_steps=60, save_steps=60, lr=3e-3,
+                    batch_size=4, warmup=0, lora_dropout=0.0, seed=0, max_len=128,
+                    logging_steps=10).validate()
+    train_stage(cfg, log=lambda *a: None)
+    export_stage(cfg.run_dir, quants=["f16", "q4_k_m"], log=lambda *a: None)
+    return cfg.run_dir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`ollama-ft serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, home: Path, *args, env=None):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(home.parent / f"serve-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ollama_ft", "serve", "--listen", f"127.0.0.1:{self.port}",
+             "--home", str(home), *args], stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1)
+                return
+            except Exception as e:  # not up yet
+                if getattr(e, "code", None) == 401:
+                    return
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"serve exited: {Path(self.log.name).read_text()}")
+                time.sleep(0.2)
+        raise RuntimeError("serve did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def bridge(tmp_path_factory):
+    home = tmp_path_factory.mktemp("bridge-home")
+    server = Server(home / "store")
+    yield server
+    server.stop()

@@ -37,6 +37,7 @@ class DataReport:
     duplicates: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     with_reasoning: int = 0
+    system_prompt: str | None = None  # the one every example used, if they all used one
     chat_format: str | None = None
     max_len: int | None = None
     token_lengths: dict | None = None
@@ -116,6 +117,8 @@ def load_examples(path: str | Path, shape: str | None = None) -> tuple[list[Exam
         raise DataError(f"{path}: no usable records ({report.records_read} read, "
                         f"{len(report.rejected)} empty, {report.duplicates_dropped} duplicates)")
     report.kept = len(examples)
+    systems = {e.messages[0].content if e.messages[0].role == "system" else None for e in examples}
+    report.system_prompt = systems.pop() if len(systems) == 1 else None
     report.with_reasoning = sum(1 for e in examples for m in e.messages if m.reasoning)
     return examples, report
 

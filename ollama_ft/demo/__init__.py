@@ -56,11 +56,57 @@ def _answer_only(text: str) -> str:
     return text.split("</think>")[-1].strip()
 
 
-def run_demo(workdir: str | Path = "runs/demo", steps: int | None = None, log=print):
+def daemon_answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/api/version", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class BridgeProcess:
+    """`ollama-ft serve` in the background for as long as the demo needs it."""
+
+    def __init__(self, listen: str):
+        import subprocess
+        import sys
+        import time
+
+        self.url = "http://" + listen
+        self.proc = subprocess.Popen([sys.executable, "-m", "ollama_ft", "serve", "--listen", listen],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not daemon_answers(self.url):
+            if self.proc.poll() is not None or time.time() > deadline:
+                err = self.proc.stderr.read() if self.proc.poll() is not None else "timed out"
+                raise RuntimeError(f"the bridge did not start: {err}")
+            time.sleep(0.3)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:  # pragma: no cover
+            self.proc.kill()
+
+
+def answers_with_ollama(url: str, name: str, questions: list[str]) -> list[str]:
+    import ollama
+
+    client = ollama.Client(host=url)
+    return [client.chat(model=name, messages=[{"role": "user", "content": q}],
+                        options={"temperature": 0, "num_predict": 48}).message.content
+            for q in questions]
+
+
+def run_demo(workdir: str | Path = "runs/demo", steps: int | None = None, name: str = "ollama-ft-demo",
+             host: str | None = None, bridge_listen: str = "127.0.0.1:11435", log=print):
     import shutil
 
     from ollama_ft.config import RunConfig
-    from ollama_ft.pipeline import run_pipeline
+    from ollama_ft.ollama.client import ollama_url
+    from ollama_ft.pipeline import register_stage, run_pipeline
 
     workdir = Path(workdir)
     base = build_demo_base(workdir, log)
@@ -71,17 +117,44 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int | None = None, log=pr
     run_dir = workdir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = RunConfig(name="demo", base=str(base), data=str(SAMPLE), output_dir=str(run_dir),
+    cfg = RunConfig(name=name, base=str(base), data=str(SAMPLE), output_dir=str(run_dir),
+                    quant="q4_k_m", register=False,
                     **{**DEMO_TRAIN, **({"max_steps": steps} if steps else {})}).validate()
-    result = run_pipeline(cfg, log=log)
-    after = answers_with_torch(base, result.adapter_dir, questions)
+    run_pipeline(cfg, log=log)  # train, export Q4_K_M, Modelfile
+
+    url = ollama_url(host)
+    bridge = None
+    if daemon_answers(url):
+        log(f"an Ollama daemon answers at {url}: registering there")
+    else:
+        log(f"no Ollama daemon at {url}: starting the ollama-ft bridge on {bridge_listen}")
+        bridge = BridgeProcess(bridge_listen)
+        url = bridge.url
+    try:
+        result = register_stage(run_dir, name, host=url, log=log)
+        after = answers_with_ollama(url, result.name, questions)
+    finally:
+        if bridge is not None:
+            bridge.stop()
     log("")
+    log(f"{'question':<44} {'before (base model)':<32} after (Ollama API, {result.name})")
     right = 0
     for (q, want), b, a in zip(qa, before, after):
         ok = _answer_only(a) == want
         right += ok
-        log(f"Q: {q}\n   before: {_answer_only(b)[:70]!r}\n   after:  {_answer_only(a)[:70]!r}"
-            f"  {'✓' if ok else '✗'}")
-    log(f"\n{right}/{len(qa)} answers match the training data after fine-tuning.")
-    log(f"run directory: {run_dir} (adapter/, metrics.jsonl, loss.png, report.json)")
-    return {"before": before, "after": after, "right": right, "total": len(qa), "run_dir": run_dir}
+        log(f"{q[:43]:<44} {_answer_only(b)[:30]!r:<32} {_answer_only(a)!r} {'✓' if ok else '✗'}")
+    log(f"\n{right}/{len(qa)} answers through the Ollama API match the training data.")
+    log(f"run directory: {run_dir} (adapter/, model-q4_k_m.gguf, Modelfile, loss.png, report.json)")
+    log("")
+    if bridge is None:
+        log(f"chat with it:   ollama run {result.name}")
+        log(f"Open WebUI:     OLLAMA_BASE_URL={url} open-webui serve   (pick {result.name})")
+    else:
+        from ollama_ft.serve.store import default_root
+
+        log(f"chat with it:   ollama-ft serve            # the bridge; models are kept in {default_root()}")
+        log(f"                OLLAMA_HOST={url} ollama run {result.name}")
+        log(f"Open WebUI:     OLLAMA_BASE_URL={url} open-webui serve   (pick {result.name})")
+        log(f"with Ollama installed: ollama create {name} -f {run_dir / 'Modelfile'}")
+    return {"before": before, "after": after, "right": right, "total": len(qa),
+            "run_dir": run_dir, "name": result.name, "url": url, "bridge": bridge is not None}

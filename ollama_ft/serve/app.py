@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import time
+from pathlib import Path
 from typing import Iterator
 
 from starlette.applications import Starlette
@@ -19,9 +20,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ollama_ft import __version__
-from ollama_ft.errors import OllamaError
+from ollama_ft.errors import OllamaError, OllamaFtError
 from ollama_ft.serve.engine import BadOption, Engine, check_options, parse_keep_alive
-from ollama_ft.serve.models import BadRequest, Model, Registry
+from ollama_ft.serve.models import Model, Registry
 from ollama_ft.serve.prompt import ThinkingSplitter
 from ollama_ft.serve.store import DigestMismatch, NotFound, Store
 
@@ -40,12 +41,22 @@ def error(status: int, message: str) -> JSONResponse:
 
 class Bridge:
     def __init__(self, home=None, api_key: str | None = None, engine: Engine | None = None,
-                 max_body: int = MAX_JSON_BODY, max_blob: int = MAX_BLOB):
+                 max_body: int = MAX_JSON_BODY, max_blob: int = MAX_BLOB,
+                 self_url: str | None = None):
+        from ollama_ft.serve.jobs import JobManager
+        from ollama_ft.serve.store import default_root
+
         self.store = Store(home)
         self.registry = Registry(self.store)
         self.engine = engine or Engine()
+        # jobs register their models with this very service, over its REST API
+        self.jobs = JobManager(Path(home or default_root()), register_host=self_url)
         self.api_key = api_key
         self.max_body, self.max_blob = max_body, max_blob
+
+    def close(self):
+        self.jobs.close()
+        self.engine.close()
 
     # --- plumbing ----------------------------------------------------------------------------
     async def json_body(self, request: Request) -> dict:
@@ -84,8 +95,24 @@ class Bridge:
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/v1/models", self.v1_models, methods=["GET"]),
             Route("/v1/chat/completions", self.v1_chat, methods=["POST"]),
+            Route("/api/ft/jobs", self.jobs_create, methods=["POST"]),
+            Route("/api/ft/jobs", self.jobs_list, methods=["GET"]),
+            Route("/api/ft/jobs/{job_id}", self.jobs_get, methods=["GET"]),
+            Route("/api/ft/jobs/{job_id}", self.jobs_cancel, methods=["DELETE"]),
+            Route("/api/ft/jobs/{job_id}/resume", self.jobs_resume, methods=["POST"]),
+            Route("/api/ft/jobs/{job_id}/events", self.jobs_events, methods=["GET"]),
         ]
-        app = Starlette(routes=routes, exception_handlers={
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            # shutdown: running jobs checkpoint and become `interrupted`; models unload
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(self.close)
+
+        app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
             _HTTP: lambda req, exc: error(exc.status, exc.message),
             404: lambda req, exc: error(404, "404 page not found"),
             405: lambda req, exc: error(405, "405 method not allowed"),
@@ -161,9 +188,7 @@ class Bridge:
         body = await self.json_body(request)
         try:
             statuses = self.registry.create(body)
-        except BadRequest as e:
-            return error(400, str(e))
-        except OllamaError as e:
+        except OllamaError as e:  # BadRequest and other refusals before anything streamed
             return error(400, str(e))
         if body.get("stream", True) is False:
             last = {}
@@ -386,6 +411,68 @@ class Bridge:
                         ev["total_duration"] = int((time.perf_counter() - t0) * 1e9)
                         yield ev
         return gen()
+
+    # --- training jobs ----------------------------------------------------------------------------
+    async def jobs_create(self, request):
+        body = await self.json_body(request)
+        try:
+            job = self.jobs.submit(body)
+        except OllamaFtError as e:
+            return error(400, str(e))
+        return JSONResponse(job, status_code=201)
+
+    async def jobs_list(self, request):
+        return JSONResponse({"jobs": self.jobs.list()})
+
+    def _job_call(self, fn, job_id):
+        from ollama_ft.serve.jobs import JobNotFound
+
+        try:
+            return JSONResponse(fn(job_id))
+        except JobNotFound as e:
+            return error(404, str(e))
+        except OllamaFtError as e:
+            return error(400, str(e))
+
+    async def jobs_get(self, request):
+        return self._job_call(self.jobs.get, request.path_params["job_id"])
+
+    async def jobs_cancel(self, request):
+        from starlette.concurrency import run_in_threadpool
+
+        job_id = request.path_params["job_id"]
+        return await run_in_threadpool(self._job_call, self.jobs.cancel, job_id)
+
+    async def jobs_resume(self, request):
+        return self._job_call(self.jobs.resume, request.path_params["job_id"])
+
+    async def jobs_events(self, request):
+        """NDJSON: every event so far, then new ones as they come, until the job ends."""
+        from ollama_ft.serve.jobs import FINAL, JobNotFound
+
+        job_id = request.path_params["job_id"]
+        try:
+            self.jobs.get(job_id)
+        except JobNotFound as e:
+            return error(404, str(e))
+        path = self.jobs.events_path(job_id)
+
+        def follow():
+            pos = 0
+            while True:
+                final = self.jobs.get(job_id)["state"] in FINAL
+                if path.is_file():
+                    with open(path, "rb") as f:
+                        f.seek(pos)
+                        data = f.read()
+                    end = data.rfind(b"\n") + 1
+                    if end:
+                        pos += end
+                        yield data[:end].decode("utf-8")
+                if final:
+                    return
+                time.sleep(0.3)
+        return StreamingResponse(follow(), media_type="application/x-ndjson")
 
     # --- OpenAI compatible -----------------------------------------------------------------------
     async def v1_models(self, request):

@@ -266,7 +266,8 @@ class Lease:
                 reason = "length" if choice["finish_reason"] == "length" else "stop"
         end = time.perf_counter()
         first = first or end
-        eval_count = max(llm.n_tokens - len(prompt_tokens), 0) if hasattr(llm, "n_tokens") else count
+        # llama.cpp evaluates every sampled token but the last one before it stops
+        eval_count = max(llm.n_tokens - len(prompt_tokens) + 1, 0) if count else 0
         yield {"done": reason, "prompt_eval_count": len(prompt_tokens),
                "prompt_eval_duration": int((first - t0) * 1e9), "eval_count": eval_count,
                "eval_duration": int((end - first) * 1e9), "load_duration": int(self.load_duration * 1e9),

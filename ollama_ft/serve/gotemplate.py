@@ -232,22 +232,7 @@ class _Parser:
             rest = end[1]
             if rest and rest[0][0] == "ident" and rest[0][1] in ("if", "with"):
                 # else if / else with: a nested conditional that shares our {{end}}
-                self.i -= 0
-                node.else_ = [self._chained(rest[0][1], rest[1:])]
-                return node
-            node.else_, end2 = self.block(("end",))
-            self._expect_end(end2)
-        else:
-            self._expect_end(end)
-        return node
-
-    def _chained(self, kind, toks):
-        node = If(kind, self.pipeline(toks), [])
-        node.body, end = self.block(("end", "else"))
-        if end and end[0] == "else":
-            rest = end[1]
-            if rest and rest[0][0] == "ident" and rest[0][1] in ("if", "with"):
-                node.else_ = [self._chained(rest[0][1], rest[1:])]
+                node.else_ = [self.conditional(rest[0][1], rest[1:])]
                 return node
             node.else_, end2 = self.block(("end",))
             self._expect_end(end2)
@@ -268,12 +253,11 @@ class _Parser:
                 assign = toks[j + 1][0] == "assign"
                 decl = names
                 toks = toks[j + 2:]
-        cmds, cur, depth, sub = [], [], 0, []
+        cmds: list[Cmd] = []
         k = 0
         args: list = []
         while k < len(toks):
-            kind, text = toks[k]
-            if kind == "pipe":
+            if toks[k][0] == "pipe":
                 cmds.append(Cmd(args))
                 args = []
                 k += 1
@@ -668,8 +652,6 @@ class Template:
             except TypeError as e:
                 raise TemplateError(f"wrong number of args for {name}: {e}") from None
         if rest or piped is not _NOARG:
-            if head[0] in ("field", "chain") and not rest and piped is _NOARG:
-                pass
             raise TemplateError(f"can't give argument to non-function {head}")
         return self._arg(head, dot, scopes)
 

@@ -45,11 +45,11 @@ def serve(listen: str | None = None, api_key: str | None = None, home: str | Non
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"binding {host} exposes the bridge beyond this machine: set --api-key "
                           "(or OLLAMA_FT_API_KEY); clients then send Authorization: Bearer KEY")
-    bridge = Bridge(home=home, api_key=api_key)
+    if api_key:
+        os.environ["OLLAMA_FT_API_KEY"] = api_key  # job workers register with this service
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    bridge = Bridge(home=home, api_key=api_key, self_url=f"http://{shown}:{port}")
     log(f"ollama-ft bridge listening on http://{host}:{port} (models in {bridge.store.root})")
     log(f"point clients at it: OLLAMA_HOST=http://{host}:{port}  "
         f"Open WebUI: OLLAMA_BASE_URL=http://{host}:{port}")
-    try:
-        uvicorn.run(bridge.app(), host=host, port=port, log_level="warning", timeout_keep_alive=30)
-    finally:
-        bridge.engine.close()
+    uvicorn.run(bridge.app(), host=host, port=port, log_level="warning", timeout_keep_alive=30)

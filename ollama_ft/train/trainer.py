@@ -235,6 +235,7 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
                 "train_runtime", 1e-9), 1e-9), 1) if out else None,
             "runtime_s": result.runtime_s, **_peak(), "interrupted": interrupt.interrupted,
             "adapter": str(adapter_dir) if adapter_dir else None,
+            "system_prompt": report.system_prompt,
             "trainable_parameters": trainable})
     return result
 

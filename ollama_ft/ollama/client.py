@@ -1,0 +1,165 @@
+"""Register a run's model with an Ollama daemon (or the bridge) over the REST API, through
+the official `ollama` client: upload blobs (skipped when present), create, verify.
+
+If the daemon cannot be reached, nothing in the run directory is touched beyond the
+Modelfile, and the exact `ollama create` command is given instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ollama_ft.errors import OllamaError
+from ollama_ft.ollama.names import parse_name
+
+
+class OllamaUnreachable(OllamaError):
+    exit_code = 3
+
+
+def ollama_url(host: str | None = None) -> str:
+    """OLLAMA_HOST rules: no scheme means http; default 127.0.0.1:11434; an explicit http://
+    without a port means 80 (https: 443); 0.0.0.0 and :: mean this machine."""
+    raw = (host or os.environ.get("OLLAMA_HOST") or "").strip() or "127.0.0.1:11434"
+    explicit = "://" in raw
+    parts = urlsplit(raw if explicit else "http://" + raw)
+    scheme = parts.scheme or "http"
+    hostname = parts.hostname or "127.0.0.1"
+    if hostname in ("0.0.0.0", "::"):
+        hostname = "127.0.0.1"
+    port = parts.port or ((443 if scheme == "https" else 80) if explicit else 11434)
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    path = parts.path.rstrip("/")
+    return f"{scheme}://{hostname}:{port}{path}"
+
+
+@dataclass
+class RegisterResult:
+    name: str
+    host: str
+    version: str
+    modelfile: Path
+    uploaded: list[str]
+    skipped: list[str]
+    reply: str
+    seconds: float
+
+
+def sha256_file(path: Path, log=None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _upload(client, path: Path, digest: str, log) -> bool:
+    """HEAD first; POST with a progress bar only when the daemon lacks the blob."""
+    import ollama
+
+    try:
+        client._request_raw("HEAD", f"/api/blobs/{digest}")
+        return False
+    except ollama.ResponseError as e:
+        if e.status_code != 404:
+            raise
+    from tqdm.auto import tqdm
+
+    size = path.stat().st_size
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
+               disable=size < 64 * 2**20)
+
+    def chunks():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                bar.update(len(chunk))
+                yield chunk
+
+    try:
+        client._request_raw("POST", f"/api/blobs/{digest}", content=chunks())
+    finally:
+        bar.close()
+    return True
+
+
+def create_command(name: str, run_dir: Path) -> str:
+    return f"ollama create {name} -f {run_dir / 'Modelfile'}"
+
+
+def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
+             log=print, verify: bool = True) -> RegisterResult:
+    """Upload the Modelfile's FROM/ADAPTER files and create `name`; then check it answers."""
+    import httpx
+    import ollama
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    target = parse_name(name)
+    url = ollama_url(host)
+    mf_path = run_dir / "Modelfile"
+    files = {}
+    for field_name, ref in (("files", modelfile.from_), ("adapters", modelfile.adapter)):
+        if not ref:
+            continue
+        path = (run_dir / ref).resolve()
+        if not path.is_file():
+            raise OllamaError(f"{path}: missing; run `ollama-ft export {run_dir}` first")
+        files[field_name] = path
+    # the ollama-ft bridge can require a key; a plain Ollama daemon ignores the header
+    key = os.environ.get("OLLAMA_FT_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    client = ollama.Client(host=url, timeout=httpx.Timeout(600.0, connect=5.0), headers=headers)
+    try:
+        version = httpx.get(f"{url}/api/version", timeout=5.0, headers=headers).json().get("version", "?")
+    except (httpx.HTTPError, ValueError) as e:
+        raise OllamaUnreachable(
+            f"no Ollama answered at {url} ({type(e).__name__}); start it (`ollama serve`, or "
+            f"`ollama-ft serve` for the bridge) or set OLLAMA_HOST / --host. The GGUF and "
+            f"Modelfile are kept in {run_dir}; to register by hand run:\n  "
+            f"{create_command(target.short, run_dir)}") from None
+    log(f"Ollama {version} at {url}")
+    uploaded, skipped, digests = [], [], {}
+    for field_name, path in files.items():
+        digest = sha256_file(path)
+        (uploaded if _upload(client, path, digest, log) else skipped).append(path.name)
+        digests[field_name] = {path.name: digest}
+    request = modelfile.to_create_request()
+    try:
+        for status in client.create(model=target.short, stream=True, **digests, **request):
+            if status.status and status.status != "success":
+                log(f"  {status.status}")
+    except ollama.ResponseError as e:
+        raise OllamaError(f"Ollama refused the model: {e.error} (HTTP {e.status_code}); the "
+                          f"Modelfile is {mf_path}") from None
+    reply = ""
+    if verify:
+        reply = _verify(client, target.short, request)
+    log(f"registered {target.short}")
+    return RegisterResult(target.short, url, version, mf_path, uploaded, skipped, reply,
+                          round(time.perf_counter() - t0, 2))
+
+
+def _verify(client, name: str, request: dict) -> str:
+    import ollama
+
+    show = client.show(name)
+    if "template" in request and (show.template or "") != request["template"]:
+        raise OllamaError(f"{name}: the daemon stores a different TEMPLATE than was sent")
+    for stop in (request.get("parameters") or {}).get("stop", []):
+        if stop not in (show.parameters or ""):
+            raise OllamaError(f"{name}: stop {stop!r} is missing from the registered parameters")
+    try:
+        r = client.chat(model=name, messages=[{"role": "user", "content": "Hello"}],
+                        options={"num_predict": 24, "temperature": 0})
+    except ollama.ResponseError as e:
+        raise OllamaError(f"{name} was created but does not answer: {e.error}") from None
+    text = (r.message.content or "") + (r.message.thinking or "")
+    if not text.strip() and r.eval_count == 0:
+        raise OllamaError(f"{name} was created but returned no text to a short chat")
+    return text
