@@ -220,11 +220,14 @@ def register(run, name, host, params, template_file, system, quant):
               "or OLLAMA_FT_API_KEY).")
 @click.option("--home", type=click.Path(file_okay=False), help="Model store (default "
               "$OLLAMA_FT_HOME or ~/.ollama-ft).")
-def serve(listen, api_key, home):
-    """Serve the Ollama API on a llama.cpp engine (for Open WebUI and Ollama clients)."""
+@click.option("--upstream", help="Proxy mode: forward the Ollama API to this daemon (default: "
+              "the daemon at OLLAMA_HOST, if one answers).")
+@click.option("--embedded", is_flag=True, help="Serve models here even if a daemon answers.")
+def serve(listen, api_key, home, upstream, embedded):
+    """Serve the Ollama API (llama.cpp engine, or a proxy to Ollama) plus training jobs."""
     from ollama_ft.serve.server import serve as run_server
 
-    run_server(listen, api_key, home, log=_echo)
+    run_server(listen, api_key, home, upstream=upstream, embedded=embedded, log=_echo)
 
 
 @main.command()

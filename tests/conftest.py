@@ -103,9 +103,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(home.parent / f"serve-{self.port}.log", "w")
+        mode = [] if "--upstream" in args else ["--embedded"]  # never proxy a dev's own Ollama
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ollama_ft", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--home", str(home), *args], stdout=self.log, stderr=subprocess.STDOUT,
+             "--home", str(home), *mode, *args], stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
         deadline = time.time() + 60
         while time.time() < deadline:

@@ -74,7 +74,8 @@ class BridgeProcess:
         import time
 
         self.url = "http://" + listen
-        self.proc = subprocess.Popen([sys.executable, "-m", "ollama_ft", "serve", "--listen", listen],
+        self.proc = subprocess.Popen([sys.executable, "-m", "ollama_ft", "serve", "--listen", listen,
+                                      "--embedded"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 60
         while not daemon_answers(self.url):

@@ -42,15 +42,17 @@ def error(status: int, message: str) -> JSONResponse:
 class Bridge:
     def __init__(self, home=None, api_key: str | None = None, engine: Engine | None = None,
                  max_body: int = MAX_JSON_BODY, max_blob: int = MAX_BLOB,
-                 self_url: str | None = None):
+                 self_url: str | None = None, upstream: str | None = None):
         from ollama_ft.serve.jobs import JobManager
         from ollama_ft.serve.store import default_root
 
+        self.upstream = upstream
         self.store = Store(home)
         self.registry = Registry(self.store)
         self.engine = engine or Engine()
-        # jobs register their models with this very service, over its REST API
-        self.jobs = JobManager(Path(home or default_root()), register_host=self_url)
+        # jobs register their models over the REST API: with the daemon in proxy mode,
+        # with this very service in embedded mode
+        self.jobs = JobManager(Path(home or default_root()), register_host=upstream or self_url)
         self.api_key = api_key
         self.max_body, self.max_blob = max_body, max_blob
 
@@ -79,7 +81,7 @@ class Bridge:
         return data
 
     def app(self) -> Starlette:
-        routes = [
+        ollama_routes = [
             Route("/", self.root, methods=["GET", "HEAD"]),
             Route("/api/version", self.version, methods=["GET"]),
             Route("/api/tags", self.tags, methods=["GET"]),
@@ -95,6 +97,8 @@ class Bridge:
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/v1/models", self.v1_models, methods=["GET"]),
             Route("/v1/chat/completions", self.v1_chat, methods=["POST"]),
+        ]
+        job_routes = [
             Route("/api/ft/jobs", self.jobs_create, methods=["POST"]),
             Route("/api/ft/jobs", self.jobs_list, methods=["GET"]),
             Route("/api/ft/jobs/{job_id}", self.jobs_get, methods=["GET"]),
@@ -102,6 +106,14 @@ class Bridge:
             Route("/api/ft/jobs/{job_id}/resume", self.jobs_resume, methods=["POST"]),
             Route("/api/ft/jobs/{job_id}/events", self.jobs_events, methods=["GET"]),
         ]
+        self.proxy = None
+        if self.upstream:
+            from ollama_ft.serve.proxy import Proxy
+
+            self.proxy = Proxy(self.upstream)
+            routes = job_routes + self.proxy.routes()
+        else:
+            routes = job_routes + ollama_routes
         import contextlib
 
         @contextlib.asynccontextmanager
@@ -111,6 +123,8 @@ class Bridge:
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(self.close)
+            if self.proxy is not None:
+                await self.proxy.close()
 
         app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
             _HTTP: lambda req, exc: error(exc.status, exc.message),

@@ -34,8 +34,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def pick_upstream(upstream: str | None, embedded: bool, own_url: str, log=print) -> str | None:
+    """--upstream wins; else a daemon answering at OLLAMA_HOST makes it proxy mode."""
+    from ollama_ft.ollama.client import ollama_url
+
+    if embedded:
+        return None
+    if upstream:
+        url = ollama_url(upstream)
+    else:
+        import httpx
+
+        url = ollama_url(None)
+        try:
+            httpx.get(f"{url}/api/version", timeout=1.5).raise_for_status()
+        except httpx.HTTPError:
+            return None
+        log(f"an Ollama daemon answers at {url}: proxy mode (use --embedded to serve models here)")
+    if url.rstrip("/") == own_url.rstrip("/"):
+        raise ConfigError(f"--upstream {url} is this bridge itself; point it at the Ollama daemon")
+    return url
+
+
 def serve(listen: str | None = None, api_key: str | None = None, home: str | None = None,
-          log=print) -> None:
+          upstream: str | None = None, embedded: bool = False, log=print) -> None:
     import uvicorn
 
     from ollama_ft.serve.app import Bridge
@@ -48,8 +70,11 @@ def serve(listen: str | None = None, api_key: str | None = None, home: str | Non
     if api_key:
         os.environ["OLLAMA_FT_API_KEY"] = api_key  # job workers register with this service
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    bridge = Bridge(home=home, api_key=api_key, self_url=f"http://{shown}:{port}")
-    log(f"ollama-ft bridge listening on http://{host}:{port} (models in {bridge.store.root})")
+    own = f"http://{shown}:{port}"
+    upstream = pick_upstream(upstream, embedded, own, log)
+    bridge = Bridge(home=home, api_key=api_key, self_url=own, upstream=upstream)
+    where = f"proxying to {upstream}" if upstream else f"models in {bridge.store.root}"
+    log(f"ollama-ft bridge listening on http://{host}:{port} ({where})")
     log(f"point clients at it: OLLAMA_HOST=http://{host}:{port}  "
         f"Open WebUI: OLLAMA_BASE_URL=http://{host}:{port}")
     uvicorn.run(bridge.app(), host=host, port=port, log_level="warning", timeout_keep_alive=30)
