@@ -19,12 +19,20 @@ class Check:
     required: bool = True
 
 
-def _version(mod: str) -> str | None:
+def _version(mod: str, dist: str | None = None) -> str | None:
     try:
         m = importlib.import_module(mod)
     except Exception:
         return None
-    return getattr(m, "__version__", "installed")
+    v = getattr(m, "__version__", None)
+    if v is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version(dist or mod)
+        except PackageNotFoundError:
+            v = "installed"
+    return v
 
 
 def run_checks(host: str | None = None, bridge: str = "127.0.0.1:11435",
@@ -48,7 +56,7 @@ def run_checks(host: str | None = None, bridge: str = "127.0.0.1:11435",
         checks.append(Check("torch", True, f"{torch_v}, {dev}"))
     for mod, pip in (("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"),
                      ("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")):
-        v = _version(mod)
+        v = _version(mod, pip)
         checks.append(Check(mod, v is not None, v or "missing", f"pip install {pip}"))
     bnb = _version("bitsandbytes")
     checks.append(Check("bitsandbytes", bnb is not None, bnb or "missing (only for --load-in-4bit)",

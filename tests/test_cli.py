@@ -74,3 +74,17 @@ def test_train_from_config_file_with_flag_override(tiny_base, tmp_path):
     assert written["max_steps"] == 3 and written["name"] == "fromyaml" and written["export"] is False
     assert written["lora_r"] == 16 and written["lr"] == 2e-4  # defaults filled in
     assert "training" in r.stderr and "adapter:" in r.stderr
+
+
+def test_doctor_says_what_is_there_and_what_to_fix():
+    from tests.conftest import free_port
+
+    r = subprocess.run([sys.executable, "-m", "ollama_ft", "doctor", "--host", f"127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    for name in ("torch", "transformers", "peft", "llama_cpp", "gguf"):
+        assert any(line.startswith("ok") and f" {name} " in line for line in lines), name
+    assert any(line.startswith("warn") and "Ollama daemon" in line for line in lines)
+    assert "ollama serve" in r.stdout and "HF_HUB_OFFLINE is set" in r.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ollama_ft.export.errors import AdapterError
-from ollama_ft.export.gguf import GeneralMetadata, arch_spec
+from ollama_ft.export.gguf import GeneralMetadata, add_base_model, arch_spec
 from ollama_ft.export.merge import Checkpoint, LoraAdapter
 
 
@@ -55,13 +55,7 @@ def write_adapter_gguf(out_path: Path, adapter: LoraAdapter, checkpoint: Checkpo
         writer.add_name(general.name)
         if general.finetune:
             writer.add_finetune(general.finetune)
-        if general.base_model_name:
-            writer.add_base_model_count(1)
-            writer.add_base_model_name(0, general.base_model_name)
-            if general.base_model_org:
-                writer.add_base_model_organization(0, general.base_model_org)
-            if general.base_model_repo_url:
-                writer.add_base_model_repo_url(0, general.base_model_repo_url)
+        add_base_model(writer, general)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for target in sorted(adapter.modules, key=_order):
             m = adapter.modules[target]

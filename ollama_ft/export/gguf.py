@@ -412,6 +412,17 @@ class GeneralMetadata:
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
 
 
+def add_base_model(writer, meta: GeneralMetadata) -> None:
+    """general.base_model.* : what the model (or adapter) was fine-tuned from."""
+    if meta.base_model_name:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, meta.base_model_name)
+        if meta.base_model_org:
+            writer.add_base_model_organization(0, meta.base_model_org)
+        if meta.base_model_repo_url:
+            writer.add_base_model_repo_url(0, meta.base_model_repo_url)
+
+
 def add_general(writer, meta: GeneralMetadata, file_type: int | None) -> None:
     import gguf
 
@@ -425,13 +436,7 @@ def add_general(writer, meta: GeneralMetadata, file_type: int | None) -> None:
         writer.add_size_label(meta.size_label)
     if meta.license:
         writer.add_license(meta.license)
-    if meta.base_model_name:
-        writer.add_base_model_count(1)
-        writer.add_base_model_name(0, meta.base_model_name)
-        if meta.base_model_org:
-            writer.add_base_model_organization(0, meta.base_model_org)
-        if meta.base_model_repo_url:
-            writer.add_base_model_repo_url(0, meta.base_model_repo_url)
+    add_base_model(writer, meta)
     if file_type is not None:
         writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

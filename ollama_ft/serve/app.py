@@ -319,17 +319,13 @@ class Bridge:
                 msg["thinking"] = ev["thinking"]
             return {"model": body["model"], "created_at": now_iso(), "message": msg, "done": False}
 
-        if stream:
-            return _ndjson(events, chunk)
-        try:
-            text, thinking, last = await _collect(events)
-        except OllamaError as e:
-            return error(500, str(e))
-        out = chunk(last)
-        out["message"]["content"] = text
-        if thinking:
-            out["message"]["thinking"] = thinking
-        return JSONResponse(out)
+        def whole(out, text, thinking):
+            out["message"]["content"] = text
+            if thinking:
+                out["message"]["thinking"] = thinking
+            return out
+
+        return await _respond(events, chunk, stream, whole)
 
     async def generate(self, request):
         body = await self.json_body(request)
@@ -372,17 +368,13 @@ class Bridge:
                 out["thinking"] = ev["thinking"]
             return out
 
-        if stream:
-            return _ndjson(events, chunk)
-        try:
-            text, thinking, last = await _collect(events)
-        except OllamaError as e:
-            return error(500, str(e))
-        out = chunk(last)
-        out["response"] = text
-        if thinking:
-            out["thinking"] = thinking
-        return JSONResponse(out)
+        def whole(out, text, thinking):
+            out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
+            return out
+
+        return await _respond(events, chunk, stream, whole)
 
     def _run(self, model: Model, options, keep_alive, fmt, think, chat_messages, tools=None,
              raw=None, template=None, context=None, suffix=None, load_only=False) -> Iterator[dict]:
@@ -566,6 +558,17 @@ class Bridge:
                              "system_fingerprint": "fp_ollama",
                              "choices": [{"index": 0, "message": msg, "finish_reason": last["done"]}],
                              "usage": _usage(last)})
+
+
+async def _respond(events, chunk, stream: bool, whole):
+    """NDJSON chunks, or one object: `whole(last chunk, content, thinking)`."""
+    if stream:
+        return _ndjson(events, chunk)
+    try:
+        text, thinking, last = await _collect(events)
+    except OllamaError as e:
+        return error(500, str(e))
+    return JSONResponse(whole(chunk(last), text, thinking))
 
 
 async def _collect(events) -> tuple[str, str, dict]:
