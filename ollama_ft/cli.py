@@ -50,6 +50,8 @@ def _train_options(f):
         click.option("--lr", type=float, help="Learning rate (default 2e-4)."),
         click.option("--batch-size", type=int), click.option("--grad-accum", type=int),
         click.option("--max-len", type=int, help="Longest example in tokens (default 2048)."),
+        click.option("--packing/--no-packing", default=None, help="Pack several examples per row "
+                     "of max-len tokens (default on; examples never attend to each other)."),
         click.option("--warmup", type=float, help="Warmup: a ratio < 1 or a number of steps."),
         click.option("--scheduler", help="linear, cosine (default), constant, ..."),
         click.option("--weight-decay", type=float),

@@ -32,6 +32,7 @@ class RunConfig:
     eval_split: float = 0.0
     eval_data: str | None = None
     max_len: int = 2048
+    packing: bool = True
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1

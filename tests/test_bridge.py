@@ -80,6 +80,9 @@ def test_chat_stream_generate_and_think_flags(client, models):
     r = client.chat(model=models["f16"], messages=[])
     assert r.done_reason == "load"
     assert any(m.model == "facts-f16:latest" for m in client.ps().models)
+    r = client.generate(model=models["f16"], prompt="", keep_alive=0)  # Open WebUI's unload
+    assert r.done_reason == "unload"
+    assert not any(m.model == "facts-f16:latest" for m in client.ps().models)
 
 
 def test_openai_compatible_routes(bridge, models):

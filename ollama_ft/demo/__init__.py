@@ -132,7 +132,8 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int | None = None, name: 
         bridge = BridgeProcess(bridge_listen)
         url = bridge.url
     try:
-        result = register_stage(run_dir, name, host=url, log=log)
+        # a 39M-parameter demo model only repeats its training answers when decoding greedily
+        result = register_stage(run_dir, name, host=url, log=log, overrides=[("temperature", "0")])
         after = answers_with_ollama(url, result.name, questions)
     finally:
         if bridge is not None:

@@ -383,6 +383,10 @@ class Bridge:
         t0 = time.perf_counter()
 
         def gen():
+            if load_only and keep_alive <= 0:  # Ollama's unload request
+                self.engine.unload_name(model.name)
+                yield {"done": "unload", "total_duration": int((time.perf_counter() - t0) * 1e9)}
+                return
             with self._lease(model, options, keep_alive) as lease:
                 if load_only:
                     yield {"done": "load", "load_duration": int(lease.load_duration * 1e9),

@@ -246,8 +246,38 @@ def _peak():
     return peak_memory_mb()
 
 
+def _trainer_class():
+    from transformers import Trainer
+
+    from ollama_ft.train.loss import selective_lm_loss
+
+    class LoRATrainer(Trainer):
+        """The stock Trainer; only the loss is computed where the labels are (train/loss.py),
+        and packed batches report their real token count."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.model_accepts_loss_kwargs = True  # count label tokens across accumulation
+            self.loss_is_scaled_for_ga = True  # our loss divides by that count itself
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real = inputs.pop("num_real_tokens", None)
+            if real is not None and model.training:
+                total = self.accelerator.gather(real.reshape(1).to(self.args.device)).sum()
+                self.state.num_input_tokens_seen += int(total)
+            loss = selective_lm_loss(model, inputs, num_items_in_batch)
+            if (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                    and self.accelerator.num_processes > 1):
+                loss = loss * self.accelerator.num_processes  # the count is global
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return LoRATrainer
+
+
 def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision, callbacks):
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    from ollama_ft.train.packing import PackedCollator, pack
 
     from ollama_ft.train.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
 
@@ -282,7 +312,7 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
         use_cpu=device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no" if cfg.packing else "non_padding",
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -297,11 +327,13 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
     if has_eval and cfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(
-        model=model, args=args, data_collator=Collator(pad_id),
-        train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in train_enc],
-        eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in eval_enc] or None,
-        callbacks=cbs)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_enc]
+    eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in eval_enc]
+    if cfg.packing:
+        rows, eval_rows = pack(rows, cfg.max_len), pack(eval_rows, cfg.max_len)
+    trainer = _trainer_class()(
+        model=model, args=args, data_collator=PackedCollator(pad_id) if cfg.packing else Collator(pad_id),
+        train_dataset=rows, eval_dataset=eval_rows or None, callbacks=cbs)
     # the default console printer duplicates our bar
     from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
 

@@ -1,0 +1,55 @@
+"""Packing and the selective loss change the speed, not the result."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ollama_ft.chat_formats import FORMATS, Message
+from ollama_ft.data.tokenize import encode
+from ollama_ft.train.loss import selective_lm_loss
+from ollama_ft.train.packing import PackedCollator, pack
+from ollama_ft.train.trainer import Collator
+from tests.conftest import FACTS
+
+
+def examples(tok):
+    fmt = FORMATS["deepseek-r1"]
+    out = []
+    for q, a in FACTS:
+        e = encode(tok, fmt, [Message("user", q), Message("assistant", a)], None)
+        out.append({"input_ids": e.input_ids, "labels": e.labels})
+    return out
+
+
+def test_pack_fills_rows_and_restarts_positions():
+    ex = [{"input_ids": [1] * n, "labels": [5] * n} for n in (5, 3, 4, 2, 6)]
+    rows = pack(ex, 8)
+    assert sorted(len(r["input_ids"]) for r in rows) == [4, 8, 8]  # 6+2, 5+3, 4: first fit decreasing
+    assert sum(len(r["input_ids"]) for r in rows) == 20
+    for r in rows:
+        starts = [i for i, p in enumerate(r["position_ids"]) if p == 0]
+        assert all(r["labels"][i] == -100 for i in starts)  # no target across examples
+
+
+def test_packed_examples_see_only_themselves_and_the_loss_is_the_same(tiny_base):
+    path = tiny_base("r1-qwen")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ex = examples(tok)
+    with torch.no_grad():
+        # reference: each example alone, the stock loss over full-vocabulary logits
+        padded = Collator(tok.eos_token_id)(ex)
+        stock = model(**padded).loss
+        packed = PackedCollator(tok.eos_token_id)(pack(ex, 4096))
+        assert packed["input_ids"].shape[0] == 1  # all four in one row
+        packed.pop("num_real_tokens")
+        ours = selective_lm_loss(model, packed)
+        assert torch.allclose(ours, stock, atol=1e-5), (ours, stock)
+        # hidden states of an example inside the row equal those of the example alone
+        row = model.model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                          use_cache=False).last_hidden_state[0]  # no cache: the packed-mask path
+        offset = 0
+        for e in ex:
+            alone = model.model(input_ids=torch.tensor([e["input_ids"]])).last_hidden_state[0]
+            n = len(e["input_ids"])
+            assert torch.allclose(row[offset:offset + n], alone, atol=1e-5)
+            offset += n
