@@ -53,3 +53,26 @@ def test_packed_examples_see_only_themselves_and_the_loss_is_the_same(tiny_base)
             n = len(e["input_ids"])
             assert torch.allclose(row[offset:offset + n], alone, atol=1e-5)
             offset += n
+
+
+def test_chunked_cross_entropy_matches_plain_loss_and_gradients():
+    import torch.nn.functional as F
+
+    from ollama_ft.train import loss as L
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1000, bias=False)
+    h1 = torch.randn(77, 32, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    t = torch.randint(0, 1000, (77,))
+    old = L.CHUNK_ELEMENTS
+    L.CHUNK_ELEMENTS = 20 * 1000  # several chunks, the last one short
+    try:
+        ours = L.linear_cross_entropy_sum(h1, head, t)
+    finally:
+        L.CHUNK_ELEMENTS = old
+    plain = F.cross_entropy(head(h2), t, reduction="sum")
+    assert torch.allclose(ours, plain, rtol=1e-5)
+    (ours * 0.5).backward()
+    (plain * 0.5).backward()
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-6)
