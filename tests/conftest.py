@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,34 @@ def bridge(tmp_path_factory):
     server = Server(home / "store")
     yield server
     server.stop()
+
+
+GOTMPL_DIR = Path(__file__).parent / "gotmpl"
+
+
+@pytest.fixture(scope="session")
+def gotmpl(tmp_path_factory):
+    """gotmpl(template, cases) -> the program's JSON answer; built once per session."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (Debian: apt-get install -y golang); the template "
+                    "parity proof runs our TEMPLATEs in Go's text/template")
+    out = tmp_path_factory.mktemp("gotmpl")
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "CGO_ENABLED": "0"}
+    if not os.access(Path(env.get("HOME", "/nonexistent")), os.W_OK):
+        env["GOCACHE"] = str(out / "cache")
+        env["GOPATH"] = str(out / "gopath")
+    build = subprocess.run([go, "build", "-o", str(out / "gotmpl"), "."], cwd=GOTMPL_DIR,
+                           env=env, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+
+    def run(template: str, cases: list[dict]) -> dict:
+        proc = subprocess.run([str(out / "gotmpl")], input=json.dumps(
+            {"template": template, "cases": cases}), capture_output=True, text=True,
+            timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        answer = json.loads(proc.stdout)
+        assert "error" not in answer, answer["error"]
+        return answer
+
+    return run

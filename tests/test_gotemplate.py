@@ -100,3 +100,31 @@ def test_modelfile_templates_match_go(go_exec):
                                                       "IsThinkSet": is_set}})
     for job, go in zip(jobs, go_exec(jobs) if jobs else []):
         assert python_render(job["template"], job["data"]) == {"out": go["out"]}
+
+
+def test_bridge_prompts_equal_ollamas_pipeline(gotmpl):
+    """The bridge's whole prompt path (collate, .System, think defaults, legacy templates) gives
+    what Ollama's own pipeline (tests/gotmpl) gives, for every shipped TEMPLATE."""
+    from ollama_ft.chat_formats import FORMATS
+    from ollama_ft.ollama.templates import template_for
+    from ollama_ft.serve.prompt import PromptTemplate
+    from tests.test_templates import SUITE, ollama_messages
+
+    legacy = "{{ if .System }}<<{{ .System }}>>{{ end }}[U]{{ .Prompt }}[A]{{ .Response }}"
+    for template in [template_for(name)[0] for name in FORMATS] + [legacy]:
+        ours = PromptTemplate(template)
+        cases = [{"messages": ollama_messages(conv), "think": think, "handler": "chat"}
+                 for conv in SUITE.values() for think in (None, True, False)]
+        cases += [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                {"role": "system", "content": "s1"}, {"role": "system", "content": "s2"}],
+                   "think": None, "handler": "chat"}]
+        answer = gotmpl(template, [c for c in cases if not (c["think"] and not ours.thinking)])
+        assert ("thinking" in answer["capabilities"]) == ours.thinking
+        if ours.thinking:
+            assert tuple(answer["thinking_tags"]) == ours.thinking_tags
+        kept = [c for c in cases if not (c["think"] and not ours.thinking)]
+        for case, result in zip(kept, answer["results"]):
+            think = case["think"]
+            if think is None and ours.thinking:
+                think = True  # /api/chat: a thinking model thinks unless told not to
+            assert ours.render(case["messages"], think=think) == result["prompt"], (template[:40], case)

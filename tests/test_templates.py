@@ -13,9 +13,6 @@ assistant message, and Ollama's message rules (system join, same-role merge).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,6 @@ import pytest
 from ollama_ft.chat_formats import BOS, CODER_EOT, EOS, FORMATS, Message
 from ollama_ft.ollama.templates import template_for
 
-GOTMPL_DIR = Path(__file__).parent / "gotmpl"
 FAMILIES = {"r1-qwen": "deepseek-r1", "r1-llama": "deepseek-r1", "r1-qwen3": "deepseek-r1-0528",
             "coder-instruct": "deepseek-coder", "llm-chat": "deepseek-llm"}
 
@@ -71,34 +67,6 @@ def hf_messages(conv: list[Message]) -> list[dict]:
             d["reasoning_content"] = m.reasoning
         out.append(d)
     return out
-
-
-@pytest.fixture(scope="session")
-def gotmpl(tmp_path_factory):
-    """gotmpl(template, cases) -> the program's JSON answer; built once per session."""
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("Go is not installed (Debian: apt-get install -y golang); the template "
-                    "parity proof runs our TEMPLATEs in Go's text/template")
-    out = tmp_path_factory.mktemp("gotmpl")
-    env = {**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "CGO_ENABLED": "0"}
-    if not os.access(Path(env.get("HOME", "/nonexistent")), os.W_OK):
-        env["GOCACHE"] = str(out / "cache")
-        env["GOPATH"] = str(out / "gopath")
-    build = subprocess.run([go, "build", "-o", str(out / "gotmpl"), "."], cwd=GOTMPL_DIR,
-                           env=env, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-
-    def run(template: str, cases: list[dict]) -> dict:
-        proc = subprocess.run([str(out / "gotmpl")], input=json.dumps(
-            {"template": template, "cases": cases}), capture_output=True, text=True,
-            timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        answer = json.loads(proc.stdout)
-        assert "error" not in answer, answer["error"]
-        return answer
-
-    return run
 
 
 def render(gotmpl, fmt_name: str, cases: list[dict]) -> list[str]:

@@ -63,16 +63,17 @@ class PromptTemplate:
                   "IsThinkSet": think is not None}
         if self.uses_messages:
             return self.template.execute(values)
-        return self._legacy(messages, values)
+        return self._legacy(msgs, values)
 
     def _legacy(self, messages, values):
+        """Once per turn over the collated messages, the last turn cut where .Response is."""
         out, system, prompt, response = [], "", "", ""
 
         def run(sys_, p, r):
             out.append(self.template.execute({**values, "System": sys_, "Prompt": p, "Response": r}))
 
         for m in messages:
-            role, content = m.get("role"), m.get("content") or ""
+            role, content = m["Role"], m["Content"]
             if role == "system":
                 if prompt or response:
                     run(system, prompt, response)
