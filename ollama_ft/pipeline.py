@@ -13,24 +13,38 @@ from ollama_ft.errors import OllamaFtError
 from ollama_ft.rundir import RUN_FILES, read_json, update_report
 
 
-def run_pipeline(cfg: RunConfig, log=print, callbacks=()):
+def run_pipeline(cfg: RunConfig, log=print, callbacks=(), on_stage=None, host: str | None = None,
+                 artifacts: dict | None = None):
+    """Train, then (as cfg says) export, write the Modelfile and register. `artifacts`, when
+    given, is filled in as each stage finishes, so a failure still leaves what was made."""
     from ollama_ft.train.trainer import train_stage
 
+    artifacts = {} if artifacts is None else artifacts
+    artifacts["run_dir"] = str(cfg.run_dir)
     result = train_stage(cfg, callbacks=callbacks, log=log)
     if result.interrupted:
         log(f"stopped at step {result.steps}; a checkpoint is in {cfg.run_dir / 'checkpoints'}. "
             f"Continue with: ollama-ft train --config {cfg.run_dir / 'run.yaml'} --resume")
         return result
+    artifacts.update(adapter=str(result.adapter_dir), loss_plot=str(cfg.run_dir / "loss.png"))
     log(f"adapter: {result.adapter_dir}")
     log(f"loss curve: {cfg.run_dir / 'loss.png'}  metrics: {cfg.run_dir / 'metrics.jsonl'}")
     if not cfg.export:
         return result
     from ollama_ft.export import export_stage
 
-    export_stage(cfg.run_dir, quants=cfg.quant, log=log)
-    modelfile_stage(cfg.run_dir, log=log)
-    if cfg.register:
-        register_stage(cfg.run_dir, cfg.name, log=log)
+    if on_stage:
+        on_stage("export")
+    exported = export_stage(cfg.run_dir, quants=cfg.quant, log=log)
+    artifacts["gguf"] = {q: str(p) for q, p in exported.files.items()}
+    if cfg.register:  # registering writes the Modelfile it sends
+        if on_stage:
+            on_stage("register")
+        reg = register_stage(cfg.run_dir, cfg.name, host=host, log=log)
+        artifacts.update(modelfile=str(reg.modelfile), model=reg.name)
+    else:
+        _, path = modelfile_stage(cfg.run_dir, log=log)
+        artifacts["modelfile"] = str(path)
     return result
 
 

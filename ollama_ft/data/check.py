@@ -135,15 +135,15 @@ def percentiles(values: list[int]) -> dict:
 
 def check_data(path, tokenizer, fmt: ChatFormat, max_len: int, shape: str | None = None):
     """Load, validate and tokenize a file. Returns (examples, encoded, report)."""
-    from ollama_ft.data.tokenize import encode
+    from ollama_ft.data.tokenize import encode, truncate
 
     examples, report = load_examples(path, shape)
     report.chat_format, report.max_len = fmt.name, max_len
     encoded, lengths, kept = [], [], []
     for ex in examples:
-        enc = encode(tokenizer, fmt, ex.messages, max_len)
-        full = len(enc.input_ids) if not enc.truncated else None
-        lengths.append(full if full is not None else _full_length(tokenizer, fmt, ex))
+        full = encode(tokenizer, fmt, ex.messages, None)
+        lengths.append(len(full.input_ids))
+        enc = truncate(full, max_len)
         if enc.trained_tokens == 0:
             report.rejected.append({"location": ex.location, "why": f"no assistant tokens left "
                                     f"after truncation at max_len {max_len}"})
@@ -159,8 +159,3 @@ def check_data(path, tokenizer, fmt: ChatFormat, max_len: int, shape: str | None
     report.token_lengths = percentiles(lengths)
     return kept, encoded, report
 
-
-def _full_length(tokenizer, fmt, ex) -> int:
-    from ollama_ft.data.tokenize import encode
-
-    return len(encode(tokenizer, fmt, ex.messages, None).input_ids)

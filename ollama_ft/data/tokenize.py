@@ -46,10 +46,14 @@ def encode(tokenizer, fmt: ChatFormat, messages: list[Message], max_len: int | N
         last = max(a, b - 1)
         k = bisect.bisect_right(starts, last) - 1
         labels.append(tok if k >= 0 and spans[k][0] <= last < spans[k][1] else IGNORE)
-    truncated = max_len is not None and len(ids) > max_len
-    if truncated:
-        ids, labels = ids[:max_len], labels[:max_len]
-    return Encoded(ids, labels, truncated)
+    return truncate(Encoded(ids, labels), max_len)
+
+
+def truncate(enc: Encoded, max_len: int | None) -> Encoded:
+    """Keep the start: the first max_len tokens (and their labels)."""
+    if max_len is None or len(enc.input_ids) <= max_len:
+        return enc
+    return Encoded(enc.input_ids[:max_len], enc.labels[:max_len], True)
 
 
 def encode_prompt(tokenizer, fmt: ChatFormat, messages: list[Message]) -> list[int]:

@@ -51,7 +51,7 @@ class RegisterResult:
     seconds: float
 
 
-def sha256_file(path: Path, log=None) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -59,7 +59,7 @@ def sha256_file(path: Path, log=None) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _upload(client, path: Path, digest: str, log) -> bool:
+def _upload(client, path: Path, digest: str) -> bool:
     """HEAD first; POST with a progress bar only when the daemon lacks the blob."""
     import ollama
 
@@ -127,7 +127,7 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     uploaded, skipped, digests = [], [], {}
     for field_name, path in files.items():
         digest = sha256_file(path)
-        (uploaded if _upload(client, path, digest, log) else skipped).append(path.name)
+        (uploaded if _upload(client, path, digest) else skipped).append(path.name)
         digests[field_name] = {path.name: digest}
     request = modelfile.to_create_request()
     try:

@@ -154,7 +154,7 @@ class Bridge:
         if not name:
             return error(400, "model is required")
         try:
-            return JSONResponse(self.registry.show(name, bool(body.get("verbose"))))
+            return JSONResponse(self.registry.show(name))
         except NotFound as e:
             return error(404, str(e))
         except OllamaError as e:
@@ -353,7 +353,7 @@ class Bridge:
             msgs.append({"role": "user", "content": prompt})
         events = self._run(model, options, keep_alive, fmt, think, chat_messages=msgs,
                            raw=raw_text, template=template, context=body.get("context"),
-                           suffix=body.get("suffix"), load_only=not prompt)
+                           load_only=not prompt)
 
         def chunk(ev):
             if "done" in ev:
@@ -377,7 +377,7 @@ class Bridge:
         return await _respond(events, chunk, stream, whole)
 
     def _run(self, model: Model, options, keep_alive, fmt, think, chat_messages, tools=None,
-             raw=None, template=None, context=None, suffix=None, load_only=False) -> Iterator[dict]:
+             raw=None, template=None, context=None, load_only=False) -> Iterator[dict]:
         """A generator holding the model's lease while it yields content/thinking/done events."""
         template = template or model.prompt_template
         t0 = time.perf_counter()

@@ -110,7 +110,8 @@ class JobManager:
         return read_jobs(self.root.parent)
 
     def _save(self, job: dict) -> None:
-        write_json(self._dir(job["id"]) / "job.json", job)
+        # progress is derived from events.ndjson on every read (read_job), not stored
+        write_json(self._dir(job["id"]) / "job.json", {k: v for k, v in job.items() if k != "progress"})
 
     def _update(self, job_id: str, **changes) -> dict:
         with self._lock:
@@ -138,11 +139,11 @@ class JobManager:
         d = self._dir(job_id)
         d.mkdir(parents=True)
         job = {"id": job_id, "state": "queued", "created_at": time.time(), "config": cfg.to_dict(),
-               "run_dir": str(cfg.run_dir), "progress": {}, "error": None, "artifacts": {},
+               "run_dir": str(cfg.run_dir), "error": None, "artifacts": {},
                "pid": None, "started_at": None, "finished_at": None, "resumes": 0}
         self._save(job)
         self._event(job_id, {"type": "state", "state": "queued"})
-        return job
+        return self.get(job_id)
 
     def cancel(self, job_id: str) -> dict:
         with self._lock:

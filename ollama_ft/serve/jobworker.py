@@ -46,7 +46,7 @@ class ProgressEvents(TrainerCallback):
 def main(job_dir: str) -> int:
     from ollama_ft.config import RunConfig
     from ollama_ft.errors import OllamaFtError
-    from ollama_ft.pipeline import modelfile_stage, register_stage
+    from ollama_ft.pipeline import run_pipeline
     from ollama_ft.rundir import write_json
 
     d = Path(job_dir)
@@ -63,29 +63,14 @@ def main(job_dir: str) -> int:
             emit({"type": "log", "message": str(msg)})
 
     cfg = RunConfig(**job["config"])
-    artifacts = {"run_dir": str(cfg.run_dir)}
+    artifacts: dict = {}
     try:
-        from ollama_ft.train.trainer import train_stage
-
-        result = train_stage(cfg, callbacks=[ProgressEvents(emit)], log=log)
+        result = run_pipeline(cfg, log=log, callbacks=[ProgressEvents(emit)],
+                              on_stage=lambda stage: emit({"type": "stage", "stage": stage}),
+                              host=os.environ.get("OLLAMA_FT_REGISTER_HOST"), artifacts=artifacts)
         if result.interrupted:
             write_json(d / "result.json", {"ok": False, "error": "stopped", "artifacts": artifacts})
             return 1
-        artifacts["adapter"] = str(result.adapter_dir)
-        artifacts["loss_plot"] = str(cfg.run_dir / "loss.png")
-        if cfg.export:
-            from ollama_ft.export import export_stage
-
-            emit({"type": "stage", "stage": "export"})
-            exported = export_stage(cfg.run_dir, quants=cfg.quant, log=log)
-            artifacts["gguf"] = {q: str(p) for q, p in exported.files.items()}
-            _, mf = modelfile_stage(cfg.run_dir, log=log)
-            artifacts["modelfile"] = str(mf)
-            if cfg.register:
-                emit({"type": "stage", "stage": "register"})
-                reg = register_stage(cfg.run_dir, cfg.name,
-                                     host=os.environ.get("OLLAMA_FT_REGISTER_HOST"), log=log)
-                artifacts["model"] = reg.name
         write_json(d / "result.json", {"ok": True, "artifacts": artifacts})
         return 0
     except OllamaFtError as e:

@@ -234,7 +234,7 @@ class Registry:
                 "size": size if size is not None else self.store.blob_path(digest).stat().st_size}
 
     # --- /api/show, /api/tags ------------------------------------------------------------------
-    def show(self, name: str, verbose: bool = False) -> dict:
+    def show(self, name: str) -> dict:
         m = self.get(name)
         info = read_info(m.model_path)
         params = []
@@ -244,7 +244,7 @@ class Registry:
                        for v in vals]
         return {"license": "\n".join(m.license), "modelfile": modelfile_text(m),
                 "parameters": "\n".join(params), "template": m.template, "system": m.system,
-                "details": m.details(), "model_info": info.metadata if not verbose else info.metadata,
+                "details": m.details(), "model_info": info.metadata,
                 "capabilities": m.capabilities, "modified_at": m.modified_at(),
                 "messages": m.messages or None}
 
