@@ -7,11 +7,13 @@ sequence budget (batch 4 x 512 tokens) and number of optimizer steps:
   ollama-ft  ollama-ft's train stage (packing, logits only where the labels are)
 
 Each contender runs in its own process; reported: real (non-padding) tokens per second,
-peak RSS, the final training loss, and the loss of the trained adapter on one fixed set of
-examples (the same tokens for everyone).
+peak RSS (and peak GPU memory and model FLOPs utilisation on a GPU), the final training loss,
+and the loss of the trained adapter on one fixed set of examples (the same tokens for
+everyone).
 
-    python scripts/bench_train.py --model tiny --steps 30
-    python scripts/bench_train.py --model 0.3b --steps 6 --markdown docs/benchmarks.md
+    python scripts/bench_train.py --model tiny --steps 20
+    python scripts/bench_train.py --model 0.3b --steps 8 --markdown docs/benchmarks.md
+    python scripts/bench_train.py --model 1.5b --device cuda --seq 2048 --steps 20   # bf16
 """
 
 from __future__ import annotations
@@ -28,9 +30,17 @@ import time
 from pathlib import Path
 
 MODELS = {"tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2),
-          "0.3b": dict(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2816)}
+          "0.3b": dict(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2816),
+          # DeepSeek-R1-Distill-Qwen-1.5B's shape (Qwen2.5-Math-1.5B): for the GPU figures
+          "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960)}
 LORA = dict(r=16, alpha=32, dropout=0.05)
-BATCH, SEQ, LR = 4, 512, 2e-4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, LR = 4, 2e-4
+SEQ = 512  # --seq sets it (the sequence budget: batch x SEQ tokens per step)
+DEVICE = "cpu"  # --device; bf16 on cuda, fp32 on the cpu, for every contender
+# dense bf16 peak TFLOP/s for MFU, by device name (override with --peak-tflops)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "4090": 165.0, "A10": 125.0}
 WORDS = ("model data token river stone light paper window garden table music orange quick "
          "slow bright dark little large answer question number letter story city mountain "
          "ocean forest engine circle square").split()
@@ -42,7 +52,7 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
     with open(path, "w") as f:
         for i in range(n):
             q_words = rng.randint(6, 30)
-            a_words = min(int(rng.lognormvariate(4.1, 0.6)), 380)
+            a_words = min(int(rng.lognormvariate(4.5, 0.65)), 480)
             q = " ".join(rng.choice(WORDS) for _ in range(q_words)) + "?"
             a = " ".join(rng.choice(WORDS) for _ in range(a_words)) + "."
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
@@ -73,6 +83,7 @@ def eval_loss(model, rows) -> float:
         for row in pack(rows, SEQ):
             batch = PackedCollator(0)([row])
             batch.pop("num_real_tokens")
+            batch = {k: v.to(DEVICE) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(selective_lm_loss(model, batch)) * n
             count += n
@@ -84,11 +95,28 @@ def peft_model(base: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if DEVICE == "cuda"
+                                                 else torch.float32).to(DEVICE)
     return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                            lora_dropout=LORA["dropout"], target_modules=targets,
+                                            lora_dropout=LORA["dropout"], target_modules=TARGETS,
                                             task_type="CAUSAL_LM"))
+
+
+def device_args() -> dict:
+    """TrainingArguments shared by the Trainer-based contenders."""
+    return dict(use_cpu=DEVICE == "cpu", bf16=DEVICE == "cuda", seed=0, report_to="none",
+                disable_tqdm=True, save_strategy="no", logging_steps=1, learning_rate=LR,
+                per_device_train_batch_size=BATCH)
+
+
+def memory_now() -> dict:
+    """Peak RSS (and peak GPU memory) so far: taken right after training, before the eval."""
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def run_common(base, data, steps, out):
@@ -110,15 +138,16 @@ def run_common(base, data, steps, out):
             ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    args = TrainingArguments(output_dir=str(out / "ck"), per_device_train_batch_size=BATCH,
-                             max_steps=steps, learning_rate=LR, logging_steps=1, save_strategy="no",
-                             report_to="none", use_cpu=True, seed=0, remove_unused_columns=False,
-                             include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+    args = TrainingArguments(output_dir=str(out / "ck"), max_steps=steps, remove_unused_columns=False,
+                             include_num_input_tokens_seen="non_padding", **device_args())
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
-    res = trainer.train()
+    return trainer_result(trainer, trainer.train()), model, rows
+
+
+def trainer_result(trainer, res) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens": trainer.state.num_input_tokens_seen, "train_s": res.metrics["train_runtime"],
-            "final_loss": losses[-1]}, model, rows
+            "final_loss": losses[-1], **memory_now()}
 
 
 def run_trl(base, data, steps, out):
@@ -141,16 +170,13 @@ def run_trl(base, data, steps, out):
     ds = Dataset.from_dict({"prompt": prompts, "completion": completions})
     set_seed(0)
     model = peft_model(base)
-    cfg = SFTConfig(output_dir=str(out / "ck"), per_device_train_batch_size=BATCH, max_steps=steps,
-                    learning_rate=LR, logging_steps=1, save_strategy="no", report_to="none",
-                    use_cpu=True, seed=0, packing=True, max_length=SEQ, completion_only_loss=True,
-                    include_num_input_tokens_seen="all", disable_tqdm=True, dataset_num_proc=1)
+    # TRL's defaults otherwise (gradient checkpointing on, as in SFTConfig)
+    cfg = SFTConfig(output_dir=str(out / "ck"), max_steps=steps, packing=True, max_length=SEQ,
+                    completion_only_loss=True, include_num_input_tokens_seen="all",
+                    dataset_num_proc=1, **device_args())
     tok.pad_token = tok.pad_token or tok.eos_token
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-    res = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens": trainer.state.num_input_tokens_seen, "train_s": res.metrics["train_runtime"],
-            "final_loss": losses[-1]}, model, rows
+    return trainer_result(trainer, trainer.train()), model, rows
 
 
 def run_ours(base, data, steps, out):
@@ -163,17 +189,18 @@ def run_ours(base, data, steps, out):
     cfg = RunConfig(name="bench", base=str(base), data=str(data), output_dir=str(out / "run"),
                     max_steps=steps, lr=LR, batch_size=BATCH, max_len=SEQ, lora_r=LORA["r"],
                     lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], warmup=0,
-                    scheduler="linear", logging_steps=1, save_steps=10**6, seed=0, export=False).validate()
+                    scheduler="linear", logging_steps=1, save_steps=10**6, seed=0, export=False,
+                    device=DEVICE, precision="bf16" if DEVICE == "cuda" else "fp32").validate()
     result = train_stage(cfg, log=lambda *a: None)
     report = json.loads((out / "run" / "report.json").read_text())["train"]
     rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     res = {"tokens": report["tokens_seen"], "train_s": report["tokens_seen"] / report["tokens_per_s"],
-           "final_loss": [r["loss"] for r in rows if "loss" in r][-1],
-           "peak_rss_mb": report["peak_rss_mb"]}  # measured when training ended
+           "final_loss": [r["loss"] for r in rows if "loss" in r][-1], **memory_now()}
     _, enc_rows, _ = encoded(base, data)
     import torch
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE),
                                       result.adapter_dir)
     return res, model, enc_rows
 
@@ -184,10 +211,30 @@ CONTENDERS = {"common": run_common, "trl": run_trl, "ollama-ft": run_ours}
 def child(args):
     out = Path(args.out)
     res, model, rows = CONTENDERS[args.contender](Path(args.base), Path(args.data), args.steps, out)
-    res.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     res["tokens_per_s"] = res["tokens"] / res["train_s"]
     res["eval_loss"] = eval_loss(model, rows[:64])
     (out / "result.json").write_text(json.dumps(res))
+
+
+def flops_per_token(model: dict, vocab: int, mean_len: float) -> float:
+    """Model FLOPs per trained token for LoRA: forward 2N plus the activation gradients 2N
+    (frozen weights need no weight gradients; the LoRA matrices are negligible), N = the
+    decoder's linear weights + the output projection, plus causal attention (QK^T and AV,
+    forward and backward) over examples of the mean length. Recomputation is not counted."""
+    h, n_layers = model["hidden"], model["layers"]
+    kv = h // model["heads"] * model["kv_heads"]
+    ffn = model.get("intermediate", h * 3)
+    n = n_layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + vocab * h
+    return 4 * n + 3 * 2 * n_layers * h * mean_len
+
+
+def peak_tflops(name: str | None) -> float | None:
+    if name is None:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        return next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    return float(name)
 
 
 def main():
@@ -196,12 +243,17 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--examples", type=int, default=400)
     ap.add_argument("--contenders", default="common,trl,ollama-ft")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
+    ap.add_argument("--peak-tflops", help="the GPU's dense bf16 peak, for MFU (default: by name)")
     ap.add_argument("--markdown", help="append the table to this file")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global SEQ, DEVICE
+    SEQ, DEVICE = args.seq, args.device
     if args.contender:
         return child(args)
 
@@ -211,7 +263,13 @@ def main():
     base = build_tiny_model(work / "base", "deepseek-r1-distill-qwen-7b", **MODELS[args.model])
     data = work / "data.jsonl"
     make_data(data, args.examples)
-    _, _, report = encoded(base, data)
+    tok, _, report = encoded(base, data)
+    vocab = -(-len(tok) // 128) * 128  # as tinymodel builds it
+    gpu_name = ""
+    if DEVICE == "cuda":
+        import torch
+
+        gpu_name = torch.cuda.get_device_name()
     print(f"model {args.model} ({MODELS[args.model]}), {report.kept} examples, tokens/example "
           f"{report.token_lengths}, steps {args.steps}, batch {BATCH} x {SEQ}", flush=True)
     results = {}
@@ -221,7 +279,8 @@ def main():
         t0 = time.time()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         r = subprocess.run([sys.executable, __file__, "--contender", name, "--base", str(base),
-                            "--data", str(data), "--out", str(out), "--steps", str(args.steps)],
+                            "--data", str(data), "--out", str(out), "--steps", str(args.steps),
+                            "--device", DEVICE, "--seq", str(SEQ)],
                            env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: failed\n{r.stderr[-2000:]}", flush=True)
@@ -229,14 +288,24 @@ def main():
         results[name] = json.loads((out / "result.json").read_text())
         print(f"{name}: {results[name]} ({time.time() - t0:.0f} s with set-up)", flush=True)
     ours = results.get("ollama-ft")
-    lines = [f"### {args.model} model ({MODELS[args.model]}), {args.steps} steps, batch {BATCH} x {SEQ} tokens",
-             "", "| contender | tokens/s | peak RSS (MiB) | final train loss | loss on fixed examples | "
-             "ollama-ft speed-up | ollama-ft RSS ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    gpu = DEVICE == "cuda"
+    peak = peak_tflops(args.peak_tflops) if gpu else None
+    per_token = flops_per_token(MODELS[args.model], vocab, report.token_lengths["mean"])
+    lines = [f"### {args.model} model ({MODELS[args.model]}), {args.steps} steps, batch {BATCH} x {SEQ} "
+             f"tokens, {'bf16 on ' + gpu_name if gpu else 'fp32 on the CPU'}", "",
+             "| contender | tokens/s | peak RSS (MiB) | " + ("peak GPU memory (MiB) | MFU | " if gpu else "")
+             + "final train loss | loss on fixed examples | ollama-ft speed-up | ollama-ft memory ratio |",
+             "|---|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|---:|---:|"]
+    mem = "peak_gpu_mb" if gpu else "peak_rss_mb"
     for name, r in results.items():
         speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours else "-"
-        rss = f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x" if ours else "-"
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | "
-                     f"{r['eval_loss']:.4f} | {speed} | {rss} |")
+        ratio = f"{ours[mem] / r[mem]:.2f}x" if ours else "-"
+        extra = ""
+        if gpu:
+            mfu = f"{100 * r['tokens_per_s'] * per_token / (peak * 1e12):.1f}%" if peak else "-"
+            extra = f"{r['peak_gpu_mb']:.0f} | {mfu} | "
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {extra}"
+                     f"{r['final_loss']:.4f} | {r['eval_loss']:.4f} | {speed} | {ratio} |")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     if args.markdown:

@@ -62,6 +62,8 @@ def test_chunked_cross_entropy_matches_plain_loss_and_gradients():
 
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 1000, bias=False)
+    head2 = torch.nn.Linear(32, 1000, bias=False)
+    head2.weight.data.copy_(head.weight.data)
     h1 = torch.randn(77, 32, requires_grad=True)
     h2 = h1.detach().clone().requires_grad_(True)
     t = torch.randint(0, 1000, (77,))
@@ -69,10 +71,29 @@ def test_chunked_cross_entropy_matches_plain_loss_and_gradients():
     L.CHUNK_ELEMENTS = 20 * 1000  # several chunks, the last one short
     try:
         ours = L.linear_cross_entropy_sum(h1, head, t)
+        with torch.no_grad():  # evaluation: the loss alone, no gradient work
+            assert torch.allclose(L.linear_cross_entropy_sum(h1, head, t), ours)
     finally:
         L.CHUNK_ELEMENTS = old
-    plain = F.cross_entropy(head(h2), t, reduction="sum")
+    plain = F.cross_entropy(head2(h2), t, reduction="sum")
     assert torch.allclose(ours, plain, rtol=1e-5)
-    (ours * 0.5).backward()
+    (ours * 0.5).backward()  # the gradients are computed in the forward, scaled here
     (plain * 0.5).backward()
     assert torch.allclose(h1.grad, h2.grad, atol=1e-6)
+    assert torch.allclose(head.weight.grad, head2.weight.grad, atol=1e-6)
+    assert (h1.grad != 0).any() and (head.weight.grad != 0).any()
+
+
+def test_chunked_cross_entropy_with_frozen_head_leaves_it_without_gradient():
+    import torch.nn.functional as F
+
+    from ollama_ft.train import loss as L
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    h = torch.randn(10, 16, requires_grad=True)
+    t = torch.randint(0, 300, (10,))
+    L.linear_cross_entropy_sum(h, head, t).backward()
+    (plain,) = torch.autograd.grad(F.cross_entropy(head(h), t, reduction="sum"), [h])
+    assert head.weight.grad is None
+    assert torch.allclose(h.grad, plain, atol=1e-6)

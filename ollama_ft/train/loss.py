@@ -4,9 +4,11 @@ DeepSeek vocabularies have 100k-150k entries, so the output projection and the s
 it dominate small and medium models, in time and in memory: [batch, seq, vocab] fp32 logits
 are 1.2 GB for 4 x 512 tokens of a 152k vocabulary, and autograd keeps several copies. Here
 the decoder's hidden states are gathered at the positions whose next token is a label, and
-the projection + cross-entropy run chunk by chunk; the backward pass recomputes each chunk's
-logits instead of keeping them. The result is the same loss (sum over label tokens / number
-of label tokens) and the same gradients, with memory of one chunk of logits.
+the projection + cross-entropy run chunk by chunk. The gradient is computed in the same pass
+(the loss is the last node of the graph, so d loss / d logits = softmax - onehot is known in
+the forward): backward only scales it by the incoming gradient, and the logits are never
+recomputed. The result is the same loss (sum over label tokens / number of label tokens) and
+the same gradients, with the memory of one chunk of logits and one vocabulary matmul fewer.
 """
 
 from __future__ import annotations
@@ -26,38 +28,46 @@ def _chunked_ce_function():
     import torch
 
     class ChunkedLinearCrossEntropy(torch.autograd.Function):
-        """sum_i CE(h_i @ W^T, t_i) without materialising all logits."""
+        """sum_i CE(h_i @ W^T, t_i) without materialising all logits; gradients computed in
+        the forward pass, chunk by chunk."""
 
         @staticmethod
-        def forward(ctx, h, weight, targets, chunk):
-            n = h.shape[0]
-            lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        def forward(ctx, h, weight, targets, chunk, need_h, need_w):
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, n, chunk):
-                logits = (h[s:s + chunk] @ weight.t()).float()
-                lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
-                total += (lse[s:s + chunk] - picked).sum()
-            ctx.save_for_backward(h, weight, targets, lse)
-            ctx.chunk = chunk
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for s in range(0, h.shape[0], chunk):
+                hc, t = h[s:s + chunk], targets[s:s + chunk]
+                logits = (hc @ weight.t()).float()
+                top = logits.amax(dim=1, keepdim=True)
+                logits.sub_(top)  # in place: one chunk of logits is all that is ever held
+                picked = logits.gather(1, t[:, None])
+                logits.exp_()
+                norm = logits.sum(dim=1, keepdim=True)
+                total += (norm.log() - picked).sum()
+                if need_h or need_w:
+                    # d/dlogits = softmax - onehot; the 1/norm row scale is applied after the
+                    # matmul (on hidden-sized rows instead of vocabulary-sized ones)
+                    inv = norm.reciprocal()
+                    if need_h:
+                        grad_h[s:s + chunk] = ((logits.to(h.dtype) @ weight) * inv
+                                               - weight[t]).to(h.dtype)
+                    if need_w:
+                        logits.mul_(inv)
+                        logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                        grad_w += logits.t() @ hc.float()
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
             return total
 
         @staticmethod
         def backward(ctx, grad_out):
-            h, weight, targets, lse = ctx.saved_tensors
-            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            for s in range(0, h.shape[0], ctx.chunk):
-                e = min(s + ctx.chunk, h.shape[0])
-                probs = torch.exp((h[s:e] @ weight.t()).float() - lse[s:e, None])
-                probs[torch.arange(e - s, device=h.device), targets[s:e]] -= 1.0
-                probs = (probs * grad_out).to(h.dtype)
-                if need_h:
-                    grad_h[s:e] = probs @ weight
-                if need_w:
-                    grad_w += probs.t().float() @ h[s:e].float()
-            return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+            grad_h, grad_w = ctx.saved_tensors
+            gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+            gw = None
+            if grad_w is not None:
+                gw = (grad_w * grad_out).to(ctx.weight_dtype)
+            return gh, gw, None, None, None, None
 
     return ChunkedLinearCrossEntropy
 
@@ -74,8 +84,12 @@ def linear_cross_entropy_sum(h, lm_head, targets):
     if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
         if _FN is None:
             _FN = _chunked_ce_function()
-        chunk = max(16, CHUNK_ELEMENTS // lm_head.weight.shape[0])
-        return _FN.apply(h, lm_head.weight, targets, chunk)
+        weight = lm_head.weight
+        chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+        grad_on = torch.is_grad_enabled()
+        with torch.profiler.record_function("linear_cross_entropy"):  # named in profiles
+            return _FN.apply(h, weight, targets, chunk, grad_on and h.requires_grad,
+                             grad_on and weight.requires_grad)
     # a wrapped or quantized head: plain logits, still only at label positions
     return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
 

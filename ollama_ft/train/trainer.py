@@ -205,7 +205,7 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
     except RuntimeError as e:
         if "out of memory" in str(e).lower():
             raise TrainingError("out of memory: lower --batch-size or --max-len, raise "
-                                "--grad-accum, or use --gradient-checkpointing"
+                                "--grad-accum, or keep --gradient-checkpointing on"
                                 " / --load-in-4bit on a GPU; checkpoints so far are kept in "
                                 f"{_checkpoints_dir(cfg)}") from None
         raise
