@@ -193,6 +193,12 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
 
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same adapter init
     model = get_peft_model(model, lora_config(cfg, base.architecture))
+    if device == "cpu":  # GPUs have their own fused dropout and caching allocator
+        from ollama_ft.train.allocator import limit_heap_caching
+        from ollama_ft.train.dropout import use_fast_lora_dropout
+
+        use_fast_lora_dropout(model)
+        limit_heap_caching()
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on "
         f"{', '.join(model.peft_config['default'].target_modules)}: "

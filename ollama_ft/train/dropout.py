@@ -1,0 +1,88 @@
+"""LoRA dropout with a cheaper mask.
+
+PEFT applies `nn.Dropout` to the input of every LoRA adapter (seven per decoder layer, and
+again when gradient checkpointing recomputes a layer). On the CPU, torch's dropout draws one
+Bernoulli sample per element (~7 ns each on this project's machines) and keeps a float mask
+for the backward pass; at 0.3B parameters that is about a sixth of a training step. Here the
+mask comes from 16 random bits per element (two elements per 32-bit draw, ~2.5x cheaper) and
+is kept as booleans. The drop probability is p rounded to a multiple of 1/65536 (0.05 ->
+0.0500031), and the scale 1/(1-p) uses the rounded value, so the expectation is exact.
+The module holds no weights: adapters save and load exactly as before.
+"""
+
+from __future__ import annotations
+
+_FN = None
+
+
+def _masked_scale_function():
+    import torch
+
+    class MaskedScale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, drop, scale):
+            ctx.save_for_backward(drop)
+            ctx.scale = scale
+            return x.mul(scale).masked_fill_(drop, 0.0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (drop,) = ctx.saved_tensors
+            return grad.mul(ctx.scale).masked_fill_(drop, 0.0), None, None
+
+    return MaskedScale
+
+
+def drop_mask(shape, p: float, device):
+    """(drop mask, scale): each element dropped with probability ~p, from 16 random bits."""
+    import torch
+
+    cut = round(p * 65536)
+    n = 1
+    for d in shape:
+        n *= d
+    words = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=device)
+    halves = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
+    return halves < cut - 32768, 65536 / (65536 - cut)
+
+
+def _module_class():
+    import torch
+
+    class FastDropout(torch.nn.Module):
+        """Drop-in for nn.Dropout on LoRA inputs (see the module docstring)."""
+
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            global _FN
+            if not self.training or self.p == 0 or round(self.p * 65536) == 0:
+                return x
+            if _FN is None:
+                _FN = _masked_scale_function()
+            drop, scale = drop_mask(x.shape, self.p, x.device)
+            return _FN.apply(x, drop, scale)
+
+        def extra_repr(self):
+            return f"p={self.p}"
+
+    return FastDropout
+
+
+def use_fast_lora_dropout(model) -> int:
+    """Swap every LoRA adapter's nn.Dropout (p > 0) for FastDropout; returns how many."""
+    import torch
+
+    cls = _module_class()
+    swapped = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if type(drop) is torch.nn.Dropout and drop.p > 0:
+                drops[name] = cls(drop.p)
+                swapped += 1
+    return swapped
