@@ -4,7 +4,7 @@
 the benchmark's model and data (scripts/bench_train.py), after one warm-up step.
 
     python scripts/profile_train.py --model 0.3b
-    python scripts/profile_train.py --model 0.3b --no-gradient-checkpointing --dropout 0
+    python scripts/profile_train.py --model 0.3b --no-gradient-checkpointing --torch-dropout
 
 Prints the operators by self CPU time for the forward and the backward pass, and the
 share of the output projection + loss (ChunkedLinearCrossEntropy) in the step.
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--examples", type=int, default=200)
     ap.add_argument("--dropout", type=float, default=B.LORA["dropout"])
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
+    ap.add_argument("--torch-dropout", action="store_true", help="PEFT's nn.Dropout, not ours")
     ap.add_argument("--rows", type=int, default=20, help="operators to list per pass")
     args = ap.parse_args()
 
@@ -37,6 +38,8 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from ollama_ft.tinymodel import build_tiny_model
+    from ollama_ft.train.allocator import limit_heap_caching
+    from ollama_ft.train.dropout import use_fast_lora_dropout
     from ollama_ft.train.loss import selective_lm_loss
     from ollama_ft.train.packing import PackedCollator, pack
 
@@ -47,6 +50,9 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=B.LORA["r"], lora_alpha=B.LORA["alpha"],
                                              lora_dropout=args.dropout, target_modules=B.TARGETS))
+    if not args.torch_dropout:  # as `ollama-ft train` does on the CPU
+        use_fast_lora_dropout(model)
+    limit_heap_caching()
     if not args.no_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -6,8 +6,8 @@ activation of a training step (8-25 MiB each for a 0.3B model at 4 x 512 tokens)
 cached there; with tensors of many sizes and lifetimes the heaps fragment and the resident
 set grows to about 1.6x what is live (measured at 0.3B: 4.0-4.5 GiB resident for a 2.6 GiB
 live peak). Fixing the threshold at 16 MiB returns the largest activations to the system when
-they are freed: 0.5-0.6 GiB less peak RSS there for about 3% of the step time
-(scripts/bench_train.py). Smaller thresholds trade more speed for memory (4 MiB: resident =
+they are freed: 4,431 -> 3,715 MiB peak RSS there, 167 -> 163 tokens/s, within the
+run-to-run noise (scripts/bench_train.py, docs/benchmarks.md). Smaller thresholds trade more speed for memory (4 MiB: resident =
 live, 20% slower), so 16 MiB it is.
 """
 
