@@ -39,8 +39,10 @@ BATCH, LR = 4, 2e-4
 SEQ = 512  # --seq sets it (the sequence budget: batch x SEQ tokens per step)
 DEVICE = "cpu"  # --device; bf16 on cuda, fp32 on the cpu, for every contender
 # dense bf16 peak TFLOP/s for MFU, by device name (override with --peak-tflops)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-               "4090": 165.0, "A10": 125.0}
+# (the first name contained in torch.cuda.get_device_name() wins: specific names first)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "4090": 165.0,
+               "A10": 125.0}
 WORDS = ("model data token river stone light paper window garden table music orange quick "
          "slow bright dark little large answer question number letter story city mountain "
          "ocean forest engine circle square").split()

@@ -72,3 +72,13 @@ def test_no_swap_without_dropout(tiny_base):
     from ollama_ft.train.dropout import use_fast_lora_dropout
 
     assert use_fast_lora_dropout(_peft_tiny(tiny_base, 0.0)) == 0
+
+
+def test_drop_probability_next_to_one_drops_everything():
+    from ollama_ft.train.dropout import _module_class
+
+    x = torch.randn(8, 8, requires_grad=True)
+    y = _module_class()(0.999999).train()(x)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

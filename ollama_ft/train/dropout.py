@@ -58,8 +58,10 @@ def _module_class():
 
         def forward(self, x):
             global _FN
-            if not self.training or self.p == 0 or round(self.p * 65536) == 0:
+            if not self.training or round(self.p * 65536) == 0:
                 return x
+            if round(self.p * 65536) >= 65536:  # p within 2^-17 of 1: everything dropped
+                return x * 0.0
             if _FN is None:
                 _FN = _masked_scale_function()
             drop, scale = drop_mask(x.shape, self.p, x.device)

@@ -33,40 +33,41 @@ def _chunked_ce_function():
 
         @staticmethod
         def forward(ctx, h, weight, targets, chunk, need_h, need_w):
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            for s in range(0, h.shape[0], chunk):
-                hc, t = h[s:s + chunk], targets[s:s + chunk]
-                logits = (hc @ weight.t()).float()
-                top = logits.amax(dim=1, keepdim=True)
-                logits.sub_(top)  # in place: one chunk of logits is all that is ever held
-                picked = logits.gather(1, t[:, None])
-                logits.exp_()
-                norm = logits.sum(dim=1, keepdim=True)
-                total += (norm.log() - picked).sum()
-                if need_h or need_w:
-                    # d/dlogits = softmax - onehot; the 1/norm row scale is applied after the
-                    # matmul (on hidden-sized rows instead of vocabulary-sized ones)
-                    inv = norm.reciprocal()
-                    if need_h:
-                        grad_h[s:s + chunk] = ((logits.to(h.dtype) @ weight) * inv
-                                               - weight[t]).to(h.dtype)
-                    if need_w:
-                        logits.mul_(inv)
+            with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here
+                total = torch.zeros((), dtype=torch.float32, device=h.device)
+                # gradients kept in fp32 until the incoming gradient (1/n, a loss scale) is
+                # applied in backward
+                grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+                for s in range(0, h.shape[0], chunk):
+                    hc, t = h[s:s + chunk], targets[s:s + chunk]
+                    logits = (hc.to(weight.dtype) @ weight.t()).float()
+                    top = logits.amax(dim=1, keepdim=True)
+                    logits.sub_(top)  # in place: one chunk of logits is all that is ever held
+                    picked = logits.gather(1, t[:, None])
+                    logits.exp_()
+                    norm = logits.sum(dim=1, keepdim=True)
+                    total += (norm.log() - picked).sum()
+                    if need_h or need_w:
+                        # d loss / d logits = softmax - onehot, formed in fp32 (so confident
+                        # tokens keep their small gradient in bf16 too), then one matmul each
+                        logits.div_(norm)
                         logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                        grad_w += logits.t() @ hc.float()
+                        if need_h:
+                            grad_h[s:s + chunk] = logits.to(weight.dtype) @ weight
+                        if need_w:
+                            grad_w += logits.t() @ hc.float()
             ctx.save_for_backward(grad_h, grad_w)
-            ctx.weight_dtype = weight.dtype
+            ctx.dtypes = h.dtype, weight.dtype
             return total
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out):
             grad_h, grad_w = ctx.saved_tensors
-            gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-            gw = None
-            if grad_w is not None:
-                gw = (grad_w * grad_out).to(ctx.weight_dtype)
+            h_dtype, w_dtype = ctx.dtypes
+            gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+            gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
             return gh, gw, None, None, None, None
 
     return ChunkedLinearCrossEntropy
