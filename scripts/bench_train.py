@@ -35,7 +35,8 @@ MODELS = {"tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2),
           "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960)}
 LORA = dict(r=16, alpha=32, dropout=0.05)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BATCH, LR = 4, 2e-4
+BATCH = 4
+LR = 2e-4  # --lr sets it
 SEQ = 512  # --seq sets it (the sequence budget: batch x SEQ tokens per step)
 DEVICE = "cpu"  # --device; bf16 on cuda, fp32 on the cpu, for every contender
 # dense bf16 peak TFLOP/s for MFU, by device name (override with --peak-tflops)
@@ -247,6 +248,7 @@ def main():
     ap.add_argument("--contenders", default="common,trl,ollama-ft")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
     ap.add_argument("--peak-tflops", help="the GPU's dense bf16 peak, for MFU (default: by name)")
     ap.add_argument("--markdown", help="append the table to this file")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
@@ -254,8 +256,8 @@ def main():
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global SEQ, DEVICE
-    SEQ, DEVICE = args.seq, args.device
+    global SEQ, DEVICE, LR
+    SEQ, DEVICE, LR = args.seq, args.device, args.lr
     if args.contender:
         return child(args)
 
@@ -282,7 +284,7 @@ def main():
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         r = subprocess.run([sys.executable, __file__, "--contender", name, "--base", str(base),
                             "--data", str(data), "--out", str(out), "--steps", str(args.steps),
-                            "--device", DEVICE, "--seq", str(SEQ)],
+                            "--device", DEVICE, "--seq", str(SEQ), "--lr", str(LR)],
                            env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: failed\n{r.stderr[-2000:]}", flush=True)
