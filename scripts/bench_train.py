@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -93,16 +92,21 @@ def eval_loss(model, rows) -> float:
     return total / count
 
 
-def peft_model(base: Path):
+def base_model(base: Path):
+    """The base in every contender's precision: bf16 on cuda, fp32 on the cpu."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if DEVICE == "cuda"
-                                                 else torch.float32).to(DEVICE)
-    return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                            lora_dropout=LORA["dropout"], target_modules=TARGETS,
-                                            task_type="CAUSAL_LM"))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE)
+
+
+def peft_model(base: Path, dropout: float = LORA["dropout"]):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(base_model(base), LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                       lora_dropout=dropout, target_modules=TARGETS,
+                                                       task_type="CAUSAL_LM"))
 
 
 def device_args() -> dict:
@@ -110,16 +114,6 @@ def device_args() -> dict:
     return dict(use_cpu=DEVICE == "cpu", bf16=DEVICE == "cuda", seed=0, report_to="none",
                 disable_tqdm=True, save_strategy="no", logging_steps=1, learning_rate=LR,
                 per_device_train_batch_size=BATCH)
-
-
-def memory_now() -> dict:
-    """Peak RSS (and peak GPU memory) so far: taken right after training, before the eval."""
-    import torch
-
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
 
 
 def run_common(base, data, steps, out):
@@ -148,9 +142,11 @@ def run_common(base, data, steps, out):
 
 
 def trainer_result(trainer, res) -> dict:
+    from ollama_ft.train.callbacks import peak_memory_mb
+
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens": trainer.state.num_input_tokens_seen, "train_s": res.metrics["train_runtime"],
-            "final_loss": losses[-1], **memory_now()}
+            "final_loss": losses[-1], **peak_memory_mb()}  # right after training, before the eval
 
 
 def run_trl(base, data, steps, out):
@@ -184,9 +180,9 @@ def run_trl(base, data, steps, out):
 
 def run_ours(base, data, steps, out):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from ollama_ft.config import RunConfig
+    from ollama_ft.train.callbacks import peak_memory_mb
     from ollama_ft.train.trainer import train_stage
 
     cfg = RunConfig(name="bench", base=str(base), data=str(data), output_dir=str(out / "run"),
@@ -198,14 +194,9 @@ def run_ours(base, data, steps, out):
     report = json.loads((out / "run" / "report.json").read_text())["train"]
     rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     res = {"tokens": report["tokens_seen"], "train_s": report["tokens_seen"] / report["tokens_per_s"],
-           "final_loss": [r["loss"] for r in rows if "loss" in r][-1], **memory_now()}
+           "final_loss": [r["loss"] for r in rows if "loss" in r][-1], **peak_memory_mb()}
     _, enc_rows, _ = encoded(base, data)
-    import torch
-
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(DEVICE),
-                                      result.adapter_dir)
-    return res, model, enc_rows
+    return res, PeftModel.from_pretrained(base_model(base), result.adapter_dir), enc_rows
 
 
 CONTENDERS = {"common": run_common, "trl": run_trl, "ollama-ft": run_ours}
@@ -267,8 +258,8 @@ def main():
     base = build_tiny_model(work / "base", "deepseek-r1-distill-qwen-7b", **MODELS[args.model])
     data = work / "data.jsonl"
     make_data(data, args.examples)
-    tok, _, report = encoded(base, data)
-    vocab = -(-len(tok) // 128) * 128  # as tinymodel builds it
+    _, _, report = encoded(base, data)
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     gpu_name = ""
     if DEVICE == "cuda":
         import torch

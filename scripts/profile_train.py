@@ -32,10 +32,7 @@ def main():
     ap.add_argument("--rows", type=int, default=20, help="operators to list per pass")
     args = ap.parse_args()
 
-    import torch
-    from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoModelForCausalLM
 
     from ollama_ft.tinymodel import build_tiny_model
     from ollama_ft.train.allocator import limit_heap_caching
@@ -47,9 +44,7 @@ def main():
     base = build_tiny_model(work / "base", "deepseek-r1-distill-qwen-7b", **B.MODELS[args.model])
     B.make_data(work / "data.jsonl", args.examples)
     _, rows, _ = B.encoded(base, work / "data.jsonl")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=B.LORA["r"], lora_alpha=B.LORA["alpha"],
-                                             lora_dropout=args.dropout, target_modules=B.TARGETS))
+    model = B.peft_model(base, args.dropout)
     if not args.torch_dropout:  # as `ollama-ft train` does on the CPU
         use_fast_lora_dropout(model)
     limit_heap_caching()

@@ -47,26 +47,19 @@ TURN_END = {"deepseek-r1": EOS, "deepseek-r1-0528": EOS, "deepseek-llm": EOS,
             "deepseek-coder": "\n" + CODER_EOT + "\n"}
 
 
+def _messages(conv: list[Message], reasoning_key: str) -> list[dict]:
+    return [{"role": m.role, "content": m.content, **({reasoning_key: m.reasoning} if m.reasoning else {})}
+            for m in conv]
+
+
 def ollama_messages(conv: list[Message]) -> list[dict]:
     """What an Ollama client sends: reasoning of earlier turns travels in `thinking`."""
-    out = []
-    for m in conv:
-        d = {"role": m.role, "content": m.content}
-        if m.reasoning:
-            d["thinking"] = m.reasoning
-        out.append(d)
-    return out
+    return _messages(conv, "thinking")
 
 
 def hf_messages(conv: list[Message]) -> list[dict]:
     """The same conversation for an HF chat template (which ignores reasoning_content)."""
-    out = []
-    for m in conv:
-        d = {"role": m.role, "content": m.content}
-        if m.reasoning:
-            d["reasoning_content"] = m.reasoning
-        out.append(d)
-    return out
+    return _messages(conv, "reasoning_content")
 
 
 def render(gotmpl, fmt_name: str, cases: list[dict]) -> list[str]:

@@ -12,13 +12,12 @@ alpha is written as 0, so llama.cpp applies exactly PEFT's scales.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ollama_ft.export.errors import AdapterError
-from ollama_ft.export.gguf import GeneralMetadata, add_base_model, arch_spec
+from ollama_ft.export.gguf import GeneralMetadata, add_base_model, arch_spec, synced_writer
 from ollama_ft.export.merge import Checkpoint, LoraAdapter
 
 
@@ -47,8 +46,7 @@ def write_adapter_gguf(out_path: Path, adapter: LoraAdapter, checkpoint: Checkpo
     spec = arch_spec(config, where)
     name_map = gguf.get_tensor_name_map(spec.model_arch(), int(config["num_hidden_layers"]))
     alpha, fold = adapter_alpha(adapter)
-    writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
-    try:
+    with synced_writer(spec.gguf_arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -79,11 +77,6 @@ def write_adapter_gguf(out_path: Path, adapter: LoraAdapter, checkpoint: Checkpo
         writer.write_header_to_file(Path(out_path))
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        for fout in writer.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
-    finally:
-        writer.close()
     return Path(out_path).stat().st_size
 
 

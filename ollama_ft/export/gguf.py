@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -464,8 +465,7 @@ def write_gguf(out_path: Path, model: MergedModel, config: dict, out_type: str,
     spec = arch_spec(config, where)
     plans = plan_tensors(model, spec, config, out_type, where)
     hp = hparams(spec, config, where)
-    writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
-    try:
+    with synced_writer(spec.gguf_arch) as writer:
         add_general(writer, general, int(gguf.LlamaFileType[FILE_TYPES[out_type]]))
         for key, value, kind in hp:
             _add_kv(writer, key, value, kind)
@@ -482,9 +482,20 @@ def write_gguf(out_path: Path, model: MergedModel, config: dict, out_type: str,
                 writer.write_tensor_data(StreamedTensor(p, pipeline))
         finally:
             pipeline.close()
+    return Path(out_path).stat().st_size
+
+
+@contextmanager
+def synced_writer(gguf_arch: str):
+    """A GGUFWriter that is on disk (flushed, fsynced) when the block ends well, and closed
+    either way."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf_arch)
+    try:
+        yield writer
         for fout in writer.fout or []:
             fout.flush()
             os.fsync(fout.fileno())
     finally:
         writer.close()
-    return Path(out_path).stat().st_size

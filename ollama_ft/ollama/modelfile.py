@@ -237,14 +237,18 @@ class Modelfile:
 
     @classmethod
     def read(cls, path: str | Path) -> "Modelfile":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ModelfileError(f"{path}: no such file") from None
-        except UnicodeDecodeError as e:
-            raise ModelfileError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        return _parse(text, str(path))
+        return _parse(read_text_file(path, ModelfileError), str(path))
+
+
+def read_text_file(path: str | Path, error: type[Exception], label: str = "") -> str:
+    """A UTF-8 text file; a missing or undecodable one raises `error` naming `label` + path."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{label}{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{label}{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _check_parameter(name: str, value: str, where: str):

@@ -30,7 +30,7 @@ from pathlib import Path
 from ollama_ft.chat_formats import FORMATS, detect_format
 from ollama_ft.errors import OllamaError
 from ollama_ft.ollama.modelfile import (LIST_PARAMETERS, Modelfile, ModelfileError,
-                                        parameter_value)
+                                        parameter_value, read_text_file)
 
 # ollama_ft/modelfiles/ (package data, so wheels carry it too).
 MODELFILES_DIR = Path(__file__).resolve().parents[1] / "modelfiles"
@@ -89,12 +89,7 @@ def resolve_chat_format(chat_format: str | None = None, chat_template: str | Non
 def read_template_file(path: str | Path) -> str:
     """A user's Go template (`--template FILE`), taken as it is (a final newline included)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TemplateError(f"--template {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise TemplateError(f"--template {path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text_file(path, TemplateError, "--template ")
     if not text.strip():
         raise TemplateError(f"--template {path}: the file is empty")
     if text.count("{{") != text.count("}}"):

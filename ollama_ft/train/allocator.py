@@ -7,8 +7,8 @@ cached there; with tensors of many sizes and lifetimes the heaps fragment and th
 set grows to about 1.6x what is live (measured at 0.3B: 4.0-4.5 GiB resident for a 2.6 GiB
 live peak). Fixing the threshold at 16 MiB returns the largest activations to the system when
 they are freed: 4,431 -> 3,715 MiB peak RSS there, 167 -> 163 tokens/s, within the
-run-to-run noise (scripts/bench_train.py, docs/benchmarks.md). Smaller thresholds trade more speed for memory (4 MiB: resident =
-live, 20% slower), so 16 MiB it is.
+run-to-run noise (scripts/bench_train.py, docs/benchmarks.md). Smaller thresholds trade more
+speed for memory (4 MiB: resident = live, 20% slower), so 16 MiB it is.
 """
 
 from __future__ import annotations

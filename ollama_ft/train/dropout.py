@@ -12,6 +12,8 @@ The module holds no weights: adapters save and load exactly as before.
 
 from __future__ import annotations
 
+import math
+
 _FN = None
 
 
@@ -33,14 +35,11 @@ def _masked_scale_function():
     return MaskedScale
 
 
-def drop_mask(shape, p: float, device):
-    """(drop mask, scale): each element dropped with probability ~p, from 16 random bits."""
+def drop_mask(shape, cut: int, device):
+    """(drop mask, scale): each element dropped with probability cut/65536, from 16 random bits."""
     import torch
 
-    cut = round(p * 65536)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=device)
     halves = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
     return halves < cut - 32768, 65536 / (65536 - cut)
@@ -55,16 +54,17 @@ def _module_class():
         def __init__(self, p: float):
             super().__init__()
             self.p = p
+            self.cut = round(p * 65536)  # p in units of 2^-16
 
         def forward(self, x):
             global _FN
-            if not self.training or round(self.p * 65536) == 0:
+            if not self.training or self.cut == 0:
                 return x
-            if round(self.p * 65536) >= 65536:  # p within 2^-17 of 1: everything dropped
+            if self.cut >= 65536:  # p within 2^-17 of 1: everything dropped
                 return x * 0.0
             if _FN is None:
                 _FN = _masked_scale_function()
-            drop, scale = drop_mask(x.shape, self.p, x.device)
+            drop, scale = drop_mask(x.shape, self.cut, x.device)
             return _FN.apply(x, drop, scale)
 
         def extra_repr(self):
