@@ -182,6 +182,9 @@ def _modelfile_options(f):
                      "example, if any)."),
         click.option("--quant", help="Which exported GGUF the Modelfile uses (default: the "
                      "run's first --quant)."),
+        click.option("--adapter", is_flag=True, help="FROM the base GGUF with ADAPTER "
+                     "adapter.gguf (`export --adapter-only`) instead of the merged GGUF: one "
+                     "base blob in Ollama shared by every adapter of that base."),
     ]):
         f = opt(f)
     return f
@@ -191,13 +194,14 @@ def _modelfile_options(f):
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--name", help="Model name for the `ollama create` hint (default: the run's).")
 @_modelfile_options
-def modelfile(run, name, params, template_file, system, quant):
+def modelfile(run, name, params, template_file, system, quant, adapter):
     """Write RUN/Modelfile (TEMPLATE, stops, parameters) and print it."""
     from ollama_ft.ollama.templates import parse_overrides
     from ollama_ft.pipeline import modelfile_stage
 
     _, path = modelfile_stage(run, system=system, overrides=parse_overrides(params),
-                              template_file=template_file, quant=quant, name=name, log=_echo)
+                              template_file=template_file, quant=quant, name=name,
+                              adapter=adapter, log=_echo)
     click.echo(path.read_text(encoding="utf-8"), nl=False)
 
 
@@ -206,13 +210,13 @@ def modelfile(run, name, params, template_file, system, quant):
 @click.option("--name", help="NAME[:TAG] in Ollama (default: the run's name).")
 @click.option("--host", help="Ollama URL (default $OLLAMA_HOST or 127.0.0.1:11434).")
 @_modelfile_options
-def register(run, name, host, params, template_file, system, quant):
-    """Register the run's GGUF with Ollama (or the bridge) and check that it answers."""
+def register(run, name, host, params, template_file, system, quant, adapter):
+    """Register the run's GGUF with Ollama (or the bridge); check what it feeds the model."""
     from ollama_ft.ollama.templates import parse_overrides
     from ollama_ft.pipeline import register_stage
 
     register_stage(run, name, host=host, system=system, overrides=parse_overrides(params),
-                   template_file=template_file, quant=quant, log=_echo)
+                   template_file=template_file, quant=quant, adapter=adapter, log=_echo)
 
 
 # --- serve -----------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def run_pipeline(cfg: RunConfig, log=print, callbacks=(), on_stage=None, host: s
 
 
 def modelfile_stage(run_dir, *, system: str | None = None, overrides=None, template_file=None,
-                    quant=None, name: str | None = None, log=print):
+                    quant=None, name: str | None = None, adapter: bool = False, log=print):
     """Write RUN/Modelfile for the run (SYSTEM from training when every example shared one)."""
     from ollama_ft.ollama.templates import modelfile_for_run, write_modelfile
 
@@ -64,7 +64,7 @@ def modelfile_stage(run_dir, *, system: str | None = None, overrides=None, templ
 
         quant = parse_quants(quant)[0].name
     mf = modelfile_for_run(run_dir, system=system, overrides=overrides, template_file=template_file,
-                           quant=quant)
+                           quant=quant, adapter=adapter)
     name = name or _run_name(run_dir)
     path = write_modelfile(run_dir, mf, header=f"ollama create {name} -f Modelfile")
     log(f"Modelfile: {path}")
@@ -79,13 +79,27 @@ def register_stage(run_dir, name: str | None = None, *, host: str | None = None,
     run_dir = Path(run_dir)
     name = parse_name(name or _run_name(run_dir)).short  # validated before anything is sent
     mf, _ = modelfile_stage(run_dir, name=name, log=log, **modelfile_args)
-    result = register(run_dir, mf, name, host=host, log=log)
-    update_report(run_dir, "register", {"name": result.name, "host": result.host,
-                                        "ollama_version": result.version,
-                                        "uploaded": result.uploaded, "skipped": result.skipped,
-                                        "seconds": result.seconds, "reply": result.reply[:200]})
+    result = register(run_dir, mf, name, host=host, log=log,
+                      expected=_expected(run_dir, mf, modelfile_args.get("template_file")))
+    update_report(run_dir, "register", {
+        "name": result.name, "host": result.host, "ollama_version": result.version,
+        "from": mf.from_, "adapter": mf.adapter,
+        "uploaded": result.uploaded, "skipped": result.skipped, "seconds": result.seconds,
+        "reply": result.reply[:200],
+        "verification": result.verification.as_report() if result.verification else None})
     log(f"\n  ollama run {result.name}\n")
     return result
+
+
+def _expected(run_dir: Path, mf, template_file):
+    """What training renders, for register's check of what the daemon renders."""
+    from ollama_ft.ollama.verify import Expected
+
+    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
+    train, export = report.get("train") or {}, report.get("export") or {}
+    fmt = None if template_file else (train.get("chat_format") or export.get("chat_format"))
+    base = export.get("base_path") or train.get("base_path")
+    return Expected(fmt, Path(base) / "tokenizer.json" if base else None, mf.system)
 
 
 def _run_name(run_dir: Path) -> str:

@@ -117,3 +117,39 @@ def test_template_mismatch_is_a_clear_error(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base("r1-qwen"))
     with pytest.raises(BaseModelError, match="renders differently from the deepseek-llm format"):
         verify_chat_format(tok, FORMATS["deepseek-llm"], "x")
+
+
+PREFIX_CASES = {
+    "plain": [Message("user", "What is the capital of Zorbia?"),
+              Message("assistant", "Quellport is the capital of Zorbia.")],
+    "reasoning": [Message("user", "17*3?"), Message("assistant", "51", reasoning="17*3 = 51.")],
+    "multi-turn": [Message("system", "Be brief."), Message("user", "a?"), Message("assistant", "b"),
+                   Message("user", "c?"), Message("assistant", "d")],
+    "chinese": [Message("user", "你好，世界"), Message("assistant", "你好！有什么可以帮你？")],
+    "code": [Message("user", "Write f"), Message("assistant", "```python\ndef f(x):\n    return x\n```")],
+    "leading-space": [Message("user", "Say hi"), Message("assistant", "  hi there")],
+    "leading-newline": [Message("user", "Say hi"), Message("assistant", "\n\nhi\n")],
+}
+
+
+@pytest.mark.parametrize("family", TEMPLATED + ["coder-base"])
+def test_training_ids_start_with_the_inference_prompt_ids(tiny_base, family):
+    """The ids Ollama feeds the model (the conversation up to the last user turn plus the
+    generation prompt, as the HF template renders it) are the first ids of the training
+    example, and nothing before them is trained."""
+    path = tiny_base(family)
+    tok = AutoTokenizer.from_pretrained(path)
+    fmt = resolve_base(str(path)).chat_format
+    for name, conv in PREFIX_CASES.items():
+        enc = encode(tok, fmt, conv, max_len=None)
+        prompt = encode_prompt(tok, fmt, conv[:-1])
+        if tok.chat_template:  # the prompt is what the checkpoint's template renders
+            assert prompt == tok(tok.apply_chat_template(hf(conv[:-1]), tokenize=False,
+                                                         add_generation_prompt=True),
+                                 add_special_tokens=False)["input_ids"], name
+        assert enc.input_ids[:len(prompt)] == prompt, (family, name)
+        if sum(m.role == "assistant" for m in conv) == 1:  # earlier answers are trained too
+            assert all(lab == IGNORE for lab in enc.labels[:len(prompt)]), name
+        assert enc.labels[len(prompt)] != IGNORE, name  # the reply starts right there
+        text = "".join(t for t, _ in fmt.render_training(conv))
+        assert tok.decode(enc.input_ids[len(prompt):]) == text[len(fmt.render_prompt(conv[:-1])):], name

@@ -112,15 +112,15 @@ def test_gguf_metadata(exported, family):
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert meta["tokenizer.ggml.add_bos_token"] is False
     assert len(meta["tokenizer.ggml.merges"]) > 10000
-    template = meta["tokenizer.chat_template"]
-    if family == "coder-base":  # no template in the base: ours, for the chosen format
-        from ollama_ft.export.vocab import CHAT_TEMPLATES
+    # always our template for the run's format (never the base's: Ollama >= 0.30 would
+    # prefer an R1 base's template, which mentions tools, over the Modelfile TEMPLATE)
+    from ollama_ft.export.vocab import CHAT_TEMPLATES
 
-        assert template == CHAT_TEMPLATES["deepseek-coder"] and result.chat_template_source == "ollama-ft"
-        # <|EOT|> ends a coder turn: llama.cpp must stop there
+    fmt = EXPECTED_FORMAT[family]
+    assert meta["tokenizer.chat_template"] == CHAT_TEMPLATES[fmt]
+    assert result.chat_template_source == f"ollama-ft ({fmt})"
+    if family == "coder-base":  # <|EOT|> ends a coder turn: llama.cpp must stop there
         assert meta["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|EOT|>")
-    else:
-        assert template == tok.chat_template and result.chat_template_source == "base"
     # general metadata
     assert meta["general.name"] == "test-run" and meta["general.finetune"] == "test-run"
     assert meta["general.base_model.0.name"] == base.name and meta["general.size_label"]

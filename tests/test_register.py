@@ -82,3 +82,45 @@ def test_modelfile_command_prints_and_writes(run_copy):
     assert r.stdout.splitlines()[1] == "FROM ./model-q4_k_m.gguf"
     assert "PARAMETER temperature 0.2" in r.stdout
     assert (run_copy / "Modelfile").read_text() == r.stdout
+
+
+def test_register_proves_what_the_daemon_renders(bridge, run_copy):
+    """register asks the daemon to render a probe chat (_debug_render_only) through the
+    template it really uses and compares it with training, token for token."""
+    r = register_stage(run_copy, "facts-verified", host=bridge.url, log=lambda *a: None)
+    v = r.verification
+    assert v.template == "modelfile TEMPLATE"
+    assert v.prompt == "rendered prompt equals training's, token for token" and v.tokens > 5
+    report = json.loads((run_copy / "report.json").read_text())["register"]
+    assert report["verification"]["prompt_tokens"] == v.tokens
+
+
+def test_register_refuses_a_daemon_that_renders_differently(bridge, run_copy):
+    """A model whose stored template renders other text than training is reported, with
+    where it differs, instead of a success."""
+    import httpx
+
+    from ollama_ft.errors import OllamaError
+    from ollama_ft.ollama.templates import template_for
+    from ollama_ft.ollama.verify import Expected, verify_prompt
+
+    register_stage(run_copy, "facts-other", host=bridge.url, log=lambda *a: None)
+    other = template_for("deepseek-r1")[0].replace("<｜User｜>{{ .Content }}",
+                                                   "<｜User｜> {{ .Content }}")
+    body = {"model": "facts-other", "from": "facts-other", "template": other, "stream": False}
+    assert httpx.post(bridge.url + "/api/create", json=body, timeout=60).status_code == 200
+    with httpx.Client() as http:
+        show = http.post(bridge.url + "/api/show", json={"model": "facts-other"}).json()
+        with pytest.raises(OllamaError, match="renders a different prompt from training at "
+                                              "character"):
+            verify_prompt(http, bridge.url, "facts-other", show, other, None,
+                          Expected("deepseek-r1", None, None))
+
+
+def test_modelfile_adapter_form(run_copy):
+    from ollama_ft.pipeline import modelfile_stage
+
+    mf, path = modelfile_stage(run_copy, adapter=True, quant="q8_0", log=lambda *a: None)
+    text = path.read_text()
+    assert "FROM ./base-q8_0.gguf" in text and "ADAPTER ./adapter.gguf" in text
+    assert mf.adapter == "./adapter.gguf"

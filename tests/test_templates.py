@@ -254,3 +254,45 @@ def test_the_harness_appends_response_to_legacy_templates(gotmpl):
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"},
                       {"role": "assistant", "content": "r"}, {"role": "user", "content": "y"}]}])
     assert answer["results"][0]["prompt"] == "[s]U:x A:rU:y A:"
+
+
+# --- the GGUF's own chat template (what a Jinja runtime renders) ---------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_chat_template_renders_like_the_checkpoints_own(tiny_base, go_renders, family):
+    """tokenizer.chat_template in our GGUFs renders, for every conversation without tool
+    calls, exactly the checkpoint's own template's text (and with enable_thinking=false
+    what our TEMPLATE renders with think:false)."""
+    from transformers import AutoTokenizer
+
+    from ollama_ft.export.vocab import CHAT_TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(tiny_base(family))
+    fmt_name = FAMILIES[family]
+    ours = CHAT_TEMPLATES[fmt_name]
+    for name, conv in SUITE.items():
+        want = tok.apply_chat_template(hf_messages(conv), tokenize=False, add_generation_prompt=True)
+        got = tok.apply_chat_template(hf_messages(conv), tokenize=False, add_generation_prompt=True,
+                                      chat_template=ours)
+        assert got == want == go_renders[fmt_name][name], name
+        if FORMATS[fmt_name].thinking:
+            no_think = tok.apply_chat_template(hf_messages(conv), tokenize=False,
+                                               add_generation_prompt=True, chat_template=ours,
+                                               enable_thinking=False)
+            assert no_think == _training_text(fmt_name, conv + [Message("assistant", "A")]) \
+                .removesuffix("A" + EOS), name
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_gguf_chat_template_claims_no_capability_the_template_lacks(fmt_name):
+    """Ollama >= 0.30 ignores the TEMPLATE when the GGUF's chat template has more
+    capabilities (server/images.go: tools if it says "tools" or "tool_call"; thinking if it
+    has <think> and </think> or splits content on </think>). Ours claims thinking exactly
+    for the thinking formats and tools never, so the proven TEMPLATE stays in use
+    (tests/test_real_ollama.py shows it on a real daemon)."""
+    from ollama_ft.export.vocab import CHAT_TEMPLATES
+
+    jinja = CHAT_TEMPLATES[fmt_name]
+    assert "tools" not in jinja and "tool_call" not in jinja
+    thinking = ("<think>" in jinja and "</think>" in jinja) or "content.split('</think>')" in jinja
+    assert thinking == FORMATS[fmt_name].thinking

@@ -1,8 +1,13 @@
 """Tokenize rendered conversations with assistant-only labels.
 
-The whole conversation is tokenized as one string (as the model sees it at inference);
-each token is trained when its last character lies in a trained segment, so the labels
-cover exactly the assistant answers, their reasoning and their end-of-turn token.
+A conversation is tokenized in two pieces: the inference prompt of its last assistant
+turn (everything before it plus the generation prompt, exactly what Ollama and the HF
+template render when that turn is asked for), then the rest. So the first ids of every
+training example are the ids the model is given at inference, whatever the tokenizer would
+merge across the boundary (R1's `<think>\n` + `\n</think>` is `<think>` `ĊĊ` `</think>`
+as one string, but inference ends the prompt at `<think>` `Ċ`). Each token is trained when
+its last character lies in a trained segment, so the labels cover exactly the assistant
+answers, their reasoning and their end-of-turn token.
 """
 
 from __future__ import annotations
@@ -38,14 +43,25 @@ def trained_spans(segments) -> tuple[str, list[tuple[int, int]]]:
 
 def encode(tokenizer, fmt: ChatFormat, messages: list[Message], max_len: int | None) -> Encoded:
     text, spans = trained_spans(fmt.render_training(messages))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    # system messages anywhere are the preamble, as in the training text
+    prompt = fmt.render_prompt(messages[:last] + [m for m in messages[last:] if m.role == "system"])
+    if not text.startswith(prompt):  # a format whose training text is not prompt + reply
+        raise AssertionError(f"{fmt.name}: the training text does not start with the prompt")
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for start, piece in ((0, prompt), (len(prompt), text[len(prompt):])):
+        if not piece:
+            continue
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
     starts = [s for s, _ in spans]
     labels = []
-    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        last = max(a, b - 1)
-        k = bisect.bisect_right(starts, last) - 1
-        labels.append(tok if k >= 0 and spans[k][0] <= last < spans[k][1] else IGNORE)
+    for tok, (a, b) in zip(ids, offsets):
+        last_char = max(a, b - 1)
+        k = bisect.bisect_right(starts, last_char) - 1
+        labels.append(tok if k >= 0 and spans[k][0] <= last_char < spans[k][1] else IGNORE)
     return truncate(Encoded(ids, labels), max_len)
 
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ollama_ft.chat_formats import CODER_DEFAULT_SYSTEM, ChatFormat, Message, detect_format
+from ollama_ft.chat_formats import CODER_DEFAULT_SYSTEM, ChatFormat, Message
 from ollama_ft.export.errors import TokenizerError
 
 # --- split rules, exactly as the DeepSeek tokenizer.json files write them -----------------
@@ -135,9 +135,16 @@ def _lit(s: str) -> str:
 
 def _jinja(*, bos: str, system_pre: str, system_post: str, no_system: str, user_pre: str,
            user_post: str, assistant_pre: str, assistant_post: str, generation: str,
-           strip_think: bool) -> str:
+           strip_think: bool, generation_no_think: str | None = None) -> str:
     strip = ("{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}"
              "{%- endif -%}") if strip_think else ""
+    # thinking turned off (Ollama passes chat_template_kwargs.enable_thinking to llama-server
+    # when it renders this template): the reply starts after an empty think block, as our Go
+    # TEMPLATE renders it with think:false
+    gen = f"{{{{- {_lit(generation)} -}}}}"
+    if generation_no_think is not None:
+        gen = ("{%- if enable_thinking is defined and not enable_thinking -%}"
+               f"{{{{- {_lit(generation_no_think)} -}}}}{{%- else -%}}{gen}{{%- endif -%}}")
     return (
         "{%- set ns = namespace(system='', n=0) -%}"
         "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
@@ -153,22 +160,24 @@ def _jinja(*, bos: str, system_pre: str, system_post: str, no_system: str, user_
         "{%- elif message['role'] == 'assistant' -%}{%- set content = message['content'] -%}"
         f"{strip}{{{{- {_lit(assistant_pre)} + content + {_lit(assistant_post)} -}}}}"
         "{%- endif -%}{%- endfor -%}"
-        f"{{%- if add_generation_prompt -%}}{{{{- {_lit(generation)} -}}}}{{%- endif -%}}"
+        f"{{%- if add_generation_prompt -%}}{gen}{{%- endif -%}}"
     )
 
 
 _BOS, _EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-# A Jinja template per chat format, rendering exactly what ChatFormat.render_prompt renders.
-# Used when the base has no template of its own (base checkpoints) or a different format was
-# chosen with --chat-format.
+# A Jinja template per chat format, rendering exactly what ChatFormat.render_prompt renders
+# (so what the checkpoint's own template renders for conversations without tool calls). The
+# exported GGUF always carries this one, never the base's: see chat_template_for.
 CHAT_TEMPLATES = {
     "deepseek-r1": _jinja(bos=_BOS, system_pre="", system_post="", no_system="",
                           user_pre="<｜User｜>", user_post="", assistant_pre="<｜Assistant｜>",
                           assistant_post=_EOS, generation="<｜Assistant｜><think>\n",
-                          strip_think=True),
+                          strip_think=True,
+                          generation_no_think="<｜Assistant｜><think>\n\n</think>\n\n"),
     "deepseek-r1-0528": _jinja(bos=_BOS, system_pre="", system_post="", no_system="",
                                user_pre="<｜User｜>", user_post="<｜Assistant｜>", assistant_pre="",
-                               assistant_post=_EOS, generation="", strip_think=True),
+                               assistant_post=_EOS, generation="", strip_think=True,
+                               generation_no_think="<think>\n\n</think>\n\n"),
     "deepseek-llm": _jinja(bos=_BOS, system_pre="", system_post="\n\n", no_system="",
                            user_pre="User: ", user_post="\n\n", assistant_pre="Assistant: ",
                            assistant_post=_EOS, generation="Assistant:", strip_think=False),
@@ -180,25 +189,19 @@ CHAT_TEMPLATES = {
 }
 
 
-def base_chat_template(base_dir: Path) -> str | None:
-    tc = Path(base_dir) / "tokenizer_config.json"
-    template = None
-    if tc.is_file():
-        template = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja = Path(base_dir) / "chat_template.jinja"
-    if not template and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template or None
-
-
 def chat_template_for(base_dir: Path, fmt: ChatFormat) -> tuple[str, str]:
-    """(template, where it came from): the base's own if it renders `fmt`, else ours."""
-    own = base_chat_template(base_dir)
-    if own and detect_format(own) is fmt:
-        return own, "base"
-    return CHAT_TEMPLATES[fmt.name], "ollama-ft"
+    """(template, where it came from) for `tokenizer.chat_template`: always ours for `fmt`.
+
+    Ollama >= 0.30 reads capabilities from this template as well as from the Modelfile
+    TEMPLATE, and when the GGUF's has more it ignores the TEMPLATE and renders the Jinja
+    template in llama-server (server/images.go, shouldPreferChatTemplate). The R1 bases'
+    own templates mention tool calls (the distills were never trained on tools), which is
+    enough for that. Ours renders the same text for every conversation without tool calls,
+    names no tools, and gives thinking exactly where our TEMPLATE does, so Ollama keeps the
+    TEMPLATE, and a runtime that does render this template (llama.cpp, LM Studio,
+    OLLAMA_GO_TEMPLATE=0) still renders what training saw.
+    """
+    return CHAT_TEMPLATES[fmt.name], f"ollama-ft ({fmt.name})"
 
 
 # --- the BOS policy -----------------------------------------------------------------------

@@ -49,6 +49,7 @@ class RegisterResult:
     skipped: list[str]
     reply: str
     seconds: float
+    verification: object = None  # verify.Verification when verified
 
 
 def sha256_file(path: Path) -> str:
@@ -93,8 +94,10 @@ def create_command(name: str, run_dir: Path) -> str:
 
 
 def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
-             log=print, verify: bool = True) -> RegisterResult:
-    """Upload the Modelfile's FROM/ADAPTER files and create `name`; then check it answers."""
+             log=print, verify: bool = True, expected=None) -> RegisterResult:
+    """Upload the Modelfile's FROM/ADAPTER files and create `name`; then check what the
+    daemon will feed the model (`verify.verify_prompt`, against `expected`, a
+    verify.Expected) and that it answers."""
     import httpx
     import ollama
 
@@ -109,7 +112,8 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
             continue
         path = (run_dir / ref).resolve()
         if not path.is_file():
-            raise OllamaError(f"{path}: missing; run `ollama-ft export {run_dir}` first")
+            how = "export --adapter-only" if modelfile.adapter else "export"
+            raise OllamaError(f"{path}: missing; run `ollama-ft {how} {run_dir}` first")
         files[field_name] = path
     # the ollama-ft bridge can require a key; a plain Ollama daemon ignores the header
     key = os.environ.get("OLLAMA_FT_API_KEY")
@@ -137,23 +141,50 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     except ollama.ResponseError as e:
         raise OllamaError(f"Ollama refused the model: {e.error} (HTTP {e.status_code}); the "
                           f"Modelfile is {mf_path}") from None
-    reply = ""
+    reply, verification = "", None
     if verify:
-        reply = _verify(client, target.short, request)
+        from ollama_ft.ollama.verify import Expected
+
+        gguf_template = _gguf_chat_template(files.get("files"))
+        reply, verification = _verify(client, url, headers, target.short, request,
+                                      expected or Expected(None), gguf_template)
+        log(f"  Ollama uses the {verification.template}; {verification.prompt}"
+            + (f" ({verification.tokens} tokens)" if verification.tokens else ""))
     log(f"registered {target.short}")
     return RegisterResult(target.short, url, version, mf_path, uploaded, skipped, reply,
-                          round(time.perf_counter() - t0, 2))
+                          round(time.perf_counter() - t0, 2), verification)
 
 
-def _verify(client, name: str, request: dict) -> str:
+def _gguf_chat_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from ollama_ft.serve.ggufinfo import NotGGUF, read_info
+
+    try:
+        return read_info(path).metadata.get("tokenizer.chat_template")
+    except (OSError, NotGGUF):
+        return None
+
+
+def _verify(client, url: str, headers: dict, name: str, request: dict, expected,
+            gguf_template: str | None):
+    import httpx
     import ollama
 
-    show = client.show(name)
-    if "template" in request and (show.template or "") != request["template"]:
-        raise OllamaError(f"{name}: the daemon stores a different TEMPLATE than was sent")
-    for stop in (request.get("parameters") or {}).get("stop", []):
-        if stop not in (show.parameters or ""):
-            raise OllamaError(f"{name}: stop {stop!r} is missing from the registered parameters")
+    from ollama_ft.ollama.verify import verify_prompt
+
+    with httpx.Client(headers=headers) as http:
+        r = http.post(f"{url}/api/show", json={"model": name}, timeout=60.0)
+        if r.status_code != 200:
+            raise OllamaError(f"{name}: the daemon does not show the model it just created "
+                              f"(HTTP {r.status_code}: {r.text.strip()[:200]})")
+        show = r.json()
+        for stop in (request.get("parameters") or {}).get("stop", []):
+            if stop not in (show.get("parameters") or ""):
+                raise OllamaError(f"{name}: stop {stop!r} is missing from the registered "
+                                  "parameters")
+        verification = verify_prompt(http, url, name, show, request.get("template"),
+                                     gguf_template, expected)
     try:
         r = client.chat(model=name, messages=[{"role": "user", "content": "Hello"}],
                         options={"num_predict": 24, "temperature": 0})
@@ -162,4 +193,4 @@ def _verify(client, name: str, request: dict) -> str:
     text = (r.message.content or "") + (r.message.thinking or "")
     if not text.strip() and r.eval_count == 0:
         raise OllamaError(f"{name} was created but returned no text to a short chat")
-    return text
+    return text, verification

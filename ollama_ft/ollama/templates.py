@@ -143,6 +143,9 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, str]]:
     return _override_pairs(pairs)
 
 
+ADAPTER_FILE = "./adapter.gguf"  # what `export --adapter-only` writes beside base-<quant>.gguf
+
+
 def quant_file(quant: str) -> str:
     return f"model-{quant.strip().lower()}.gguf"
 
@@ -239,10 +242,12 @@ def _chat_template(base_path: str | None) -> str | None:
 
 
 def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrides=None,
-                      template_file: str | Path | None = None, quant=None) -> Modelfile:
+                      template_file: str | Path | None = None, quant=None,
+                      adapter: bool = False) -> Modelfile:
     """build_modelfile with what RUN/run.yaml and RUN/report.json say: the chat format
     (train report, then run.yaml's chat_format, then the catalogue, then the base's chat
-    template), max_len, quant, and the base's context length."""
+    template), max_len, quant, and the base's context length. `adapter`: FROM the base
+    GGUF and ADAPTER the LoRA GGUF (`export --adapter-only`) instead of the merged GGUF."""
     from ollama_ft.rundir import RUN_FILES, read_json
 
     run_dir = Path(run_dir)
@@ -267,10 +272,15 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
     if not chat_format and template_file is None:
         chat_format = resolve_chat_format(None, _chat_template(base_path),
                                           where=f"{run_dir}: the base {base or base_path or '?'}")
-    return build_modelfile(chat_format, quant=quant or cfg.get("quant") or DEFAULT_QUANT,
-                           max_len=cfg.get("max_len"),
+    quant = quant or cfg.get("quant") or DEFAULT_QUANT
+    from_ = None
+    if adapter:
+        first = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()][0]
+        from_ = "./" + quant_file(first).replace("model-", "base-", 1)
+    return build_modelfile(chat_format, quant=quant, max_len=cfg.get("max_len"),
                            base_context=_base_context(base_path, repo_id, base),
-                           system=system, overrides=overrides, template_file=template_file)
+                           system=system, overrides=overrides, template_file=template_file,
+                           from_=from_, adapter=ADAPTER_FILE if adapter else None)
 
 
 def write_modelfile(run_dir: str | Path, modelfile: Modelfile, header: str | None = None) -> Path:

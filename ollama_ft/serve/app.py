@@ -306,6 +306,9 @@ class Bridge:
         if model.system and not (msgs and msgs[0].get("role") == "system"):
             msgs = [{"role": "system", "content": model.system}] + msgs
         tools = body.get("tools")
+        if body.get("_debug_render_only"):
+            return _rendered(body, "chat", model.prompt_template.render(msgs, tools=tools,
+                                                                        think=think))
         events = self._run(model, options, keep_alive, fmt, think, chat_messages=msgs, tools=tools,
                            load_only=not messages)
 
@@ -351,6 +354,9 @@ class Bridge:
             if system:
                 msgs.append({"role": "system", "content": system})
             msgs.append({"role": "user", "content": prompt})
+        if body.get("_debug_render_only"):
+            return _rendered(body, "generate",
+                             raw_text if raw_text is not None else template.render(msgs, think=think))
         events = self._run(model, options, keep_alive, fmt, think, chat_messages=msgs,
                            raw=raw_text, template=template, context=body.get("context"),
                            load_only=not prompt)
@@ -562,6 +568,15 @@ class Bridge:
                              "system_fingerprint": "fp_ollama",
                              "choices": [{"index": 0, "message": msg, "finish_reason": last["done"]}],
                              "usage": _usage(last)})
+
+
+def _rendered(body: dict, handler: str, prompt: str) -> JSONResponse:
+    """Ollama's `_debug_render_only`: the prompt the model would be given, nothing run
+    (without the truncation to num_ctx, which needs the model loaded)."""
+    out = {"model": body["model"], "created_at": now_iso()}
+    out.update({"message": {"role": "", "content": ""}} if handler == "chat" else {"response": ""})
+    out.update(done=False, debug_info={"rendered_template": prompt})
+    return JSONResponse(out)
 
 
 async def _respond(events, chunk, stream: bool, whole):

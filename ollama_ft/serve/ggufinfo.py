@@ -132,3 +132,25 @@ def read_info(path: str | Path) -> GGUFInfo:
                     file_type=file_type_name(meta.get("general.file_type")),
                     parameter_count=count, context_length=meta.get(f"{arch}.context_length"),
                     metadata=meta)
+
+
+def token_texts(path: str | Path, ids: list[int]) -> dict[int, str]:
+    """The texts of the given token ids (tokenizer.ggml.tokens), read without the rest."""
+    wanted, found = set(ids), {}
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise NotGGUF("supplied file was not in GGUF format")
+        c = _Cursor(f)
+        c.unpack("<I")
+        c.unpack("<Q")
+        for _ in range(c.unpack("<Q")):
+            key, vtype = c.string(), c.unpack("<I")
+            if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
+                c.unpack("<I")
+                for i in range(c.unpack("<Q")):
+                    text = c.string(keep=i in wanted)
+                    if text is not None:
+                        found[i] = text
+                return found
+            c.value(vtype, keep=False)
+    return found

@@ -4,6 +4,7 @@ over the store (manifests + blobs), with Ollama's validation and layer media typ
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import posixpath
 import re
@@ -15,7 +16,8 @@ from ollama_ft.errors import OllamaError
 from ollama_ft.ollama.names import parse_name
 from ollama_ft.serve.engine import check_options
 from ollama_ft.serve.ggufinfo import NotGGUF, read_info
-from ollama_ft.serve.prompt import PromptTemplate
+from ollama_ft.serve.capabilities import capabilities, uses_go_template
+from ollama_ft.serve.prompt import JinjaPrompt, PromptTemplate
 from ollama_ft.serve.store import LAYER, Manifest, NotFound, Store, check_digest
 
 
@@ -38,18 +40,28 @@ class Model:
     info: dict = field(default_factory=dict)
 
     @property
-    def prompt_template(self) -> PromptTemplate:
+    def chat_template(self) -> str | None:
+        """The GGUF's tokenizer.chat_template (blobs never change: read once)."""
+        return _gguf_chat_template(self.model_path)
+
+    @property
+    def go_template(self) -> PromptTemplate | None:
+        return PromptTemplate(self.template) if self.template else None
+
+    @property
+    def prompt_template(self):
+        """What renders this model's prompts, by Ollama >= 0.30's choice (capabilities.py):
+        the TEMPLATE, or the GGUF's chat template when that one claims more."""
+        go, chat = self.go_template, self.chat_template
+        if go is not None and uses_go_template(go, chat):
+            return go
+        if chat:
+            return JinjaPrompt(chat, *_gguf_specials(self.model_path))
         return PromptTemplate(self.template or "{{ .Prompt }}")
 
     @property
     def capabilities(self) -> list[str]:
-        caps = ["completion"]
-        t = self.prompt_template
-        if t.tools:
-            caps.append("tools")
-        if t.thinking:
-            caps.append("thinking")
-        return caps
+        return capabilities(self.go_template, self.chat_template)
 
     def details(self) -> dict:
         c = self.config
@@ -60,6 +72,25 @@ class Model:
 
     def modified_at(self) -> str:
         return iso(self.manifest.modified)
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_chat_template(path: Path) -> str | None:
+    try:
+        return read_info(path).metadata.get("tokenizer.chat_template") or None
+    except (OSError, NotGGUF):
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_specials(path: Path) -> tuple[str, str]:
+    """(BOS text, EOS text) of a GGUF, for Jinja templates that write bos_token."""
+    from ollama_ft.serve.ggufinfo import token_texts
+
+    meta = read_info(path).metadata
+    ids = [meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")]
+    texts = token_texts(path, [i for i in ids if isinstance(i, int)])
+    return tuple(texts.get(i, "") if isinstance(i, int) else "" for i in ids)
 
 
 def iso(ts: float) -> str:
@@ -242,9 +273,15 @@ class Registry:
             vals = m.params[k] if isinstance(m.params[k], list) else [m.params[k]]
             params += [f"{k:<30} {json.dumps(v, ensure_ascii=False) if isinstance(v, str) else _go(v)}"
                        for v in vals]
+        shown = m.prompt_template
+        # as Ollama: the template that renders (the GGUF's when it won), and model_info
+        # without general.name and the chat template
+        model_info = {k: v for k, v in info.metadata.items()
+                      if k not in ("general.name", "tokenizer.chat_template")}
         return {"license": "\n".join(m.license), "modelfile": modelfile_text(m),
-                "parameters": "\n".join(params), "template": m.template, "system": m.system,
-                "details": m.details(), "model_info": info.metadata,
+                "parameters": "\n".join(params),
+                "template": shown.text if isinstance(shown, JinjaPrompt) else m.template,
+                "system": m.system, "details": m.details(), "model_info": model_info,
                 "capabilities": m.capabilities, "modified_at": m.modified_at(),
                 "messages": m.messages or None}
 

@@ -94,16 +94,60 @@ class PromptTemplate:
 
     def render_fitting(self, messages: list[dict], n_ctx: int, count_tokens: Callable[[str], int],
                        **kw) -> tuple[str, int]:
-        """Drop the oldest non-system messages until the prompt fits n_ctx (the last stays)."""
-        n = len(messages) - 1
-        for i in range(n - 1, -1, -1):
-            system = [m for m in messages[:i] if m.get("role") == "system"]
-            if count_tokens(self.render(system + messages[i:], **kw)) > n_ctx:
-                break
-            n = i
-        system = [m for m in messages[:n] if m.get("role") == "system"]
-        prompt = self.render(system + messages[n:], **kw)
-        return prompt, n
+        return render_fitting(self.render, messages, n_ctx, count_tokens, **kw)
+
+
+def render_fitting(render, messages: list[dict], n_ctx: int, count_tokens: Callable[[str], int],
+                   **kw) -> tuple[str, int]:
+    """Drop the oldest non-system messages until the prompt fits n_ctx (the last stays)."""
+    n = len(messages) - 1
+    for i in range(n - 1, -1, -1):
+        system = [m for m in messages[:i] if m.get("role") == "system"]
+        if count_tokens(render(system + messages[i:], **kw)) > n_ctx:
+            break
+        n = i
+    system = [m for m in messages[:n] if m.get("role") == "system"]
+    return render(system + messages[n:], **kw), n
+
+
+class JinjaPrompt:
+    """A GGUF's own chat template, for the models Ollama >= 0.30 renders with it (see
+    serve/capabilities.py): HF semantics (jinja2, trim_blocks and lstrip_blocks), earlier
+    reasoning passed as `reasoning_content`, thinking as `enable_thinking`."""
+
+    uses_messages = True
+
+    def __init__(self, text: str, bos_token: str = "", eos_token: str = ""):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from ollama_ft.serve.capabilities import chat_template_capabilities
+
+        self.text = text
+        self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) \
+            .from_string(text)
+        caps = chat_template_capabilities(text)
+        self.thinking_tags = ("<think>", "</think>") if "thinking" in caps else None
+        self.tools = "tools" in caps
+        self.specials = {"bos_token": bos_token, "eos_token": eos_token}
+
+    @property
+    def thinking(self) -> bool:
+        return self.thinking_tags is not None
+
+    def render(self, messages: list[dict], tools=None, think: bool | None = None,
+               think_level: str = "") -> str:
+        msgs = []
+        for m in messages:
+            out = {"role": m.get("role", ""), "content": m.get("content") or ""}
+            if m.get("thinking"):
+                out["reasoning_content"] = m["thinking"]
+            msgs.append(out)
+        kw = {} if think is None else {"enable_thinking": bool(think)}
+        return self.template.render(messages=msgs, tools=tools or None,
+                                    add_generation_prompt=True, **self.specials, **kw)
+
+    def render_fitting(self, messages, n_ctx, count_tokens, **kw):
+        return render_fitting(self.render, messages, n_ctx, count_tokens, **kw)
 
 
 def infer_thinking_tags(template: str) -> tuple[str, str] | None:
@@ -159,14 +203,11 @@ class ThinkingSplitter:
                     self.strip_next = False
                 i = self.buf.find(self.close)
                 if i >= 0:
-                    thinking.append(self.buf[:i].rstrip())
+                    thinking.append(self.buf[:i])  # as Ollama: its trailing whitespace kept
                     self.buf = self.buf[i + len(self.close):]
                     self.state = "after"
                     continue
-                keep = 0
-                if not final:  # hold back a possible closing tag and trailing whitespace
-                    keep = _partial_suffix(self.buf, self.close)
-                    keep += len(self.buf[:len(self.buf) - keep]) - len(self.buf[:len(self.buf) - keep].rstrip())
+                keep = 0 if final else _partial_suffix(self.buf, self.close)  # maybe the tag
                 thinking.append(self.buf[:len(self.buf) - keep])
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
