@@ -229,11 +229,17 @@ def register(run, name, host, params, template_file, system, quant, adapter):
 @click.option("--upstream", help="Proxy mode: forward the Ollama API to this daemon (default: "
               "the daemon at OLLAMA_HOST, if one answers).")
 @click.option("--embedded", is_flag=True, help="Serve models here even if a daemon answers.")
-def serve(listen, api_key, home, upstream, embedded):
+@click.option("--data-dir", "data_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="A folder training jobs may read data and local bases from (repeatable; "
+              "otherwise jobs use files uploaded to /api/ft/uploads).")
+@click.option("--allow-remote-code", is_flag=True, help="Let jobs set trust_remote_code and "
+              "allow_pickle (both run code from model files).")
+def serve(listen, api_key, home, upstream, embedded, data_dirs, allow_remote_code):
     """Serve the Ollama API (llama.cpp engine, or a proxy to Ollama) plus training jobs."""
     from ollama_ft.serve.server import serve as run_server
 
-    run_server(listen, api_key, home, upstream=upstream, embedded=embedded, log=_echo)
+    run_server(listen, api_key, home, upstream=upstream, embedded=embedded, log=_echo,
+               data_dirs=data_dirs, allow_remote_code=allow_remote_code)
 
 
 @main.command()

@@ -35,7 +35,7 @@ def wait_state(url, job_id, states, timeout=600):
 def test_job_trains_registers_and_answers_then_cancel_and_resume(tiny_base, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(FACTS))
     home = tmp_path / "home"
-    server = Server(home)
+    server = Server(home, "--data-dir", str(tmp_path.parent))
     try:
         body = {"name": "jobft", "base": str(tiny_base("r1-qwen", hidden=128)), "data": str(data),
                 "max_steps": 60, "save_steps": 60, "lr": 3e-3, "batch_size": 4, "warmup": 0,
@@ -92,7 +92,7 @@ def test_job_trains_registers_and_answers_then_cancel_and_resume(tiny_base, tmp_
 
     # a restarted service still lists them; the cancelled one resumes from its checkpoint, and
     # one running while the service stops is marked interrupted and resumes too
-    server = Server(home)
+    server = Server(home, "--data-dir", str(tmp_path.parent))
     try:
         listed = json.loads(call(f"{server.url}/api/ft/jobs")[1])["jobs"]
         assert len(listed) == 2
@@ -102,7 +102,7 @@ def test_job_trains_registers_and_answers_then_cancel_and_resume(tiny_base, tmp_
         time.sleep(3)
     finally:
         server.stop()
-    server = Server(home)
+    server = Server(home, "--data-dir", str(tmp_path.parent))
     try:
         j = json.loads(call(f"{server.url}/api/ft/jobs/{job2['id']}")[1])
         assert j["state"] == "interrupted" and j["resumes"] == 1

@@ -42,7 +42,8 @@ def error(status: int, message: str) -> JSONResponse:
 class Bridge:
     def __init__(self, home=None, api_key: str | None = None, engine: Engine | None = None,
                  max_body: int = MAX_JSON_BODY, max_blob: int = MAX_BLOB,
-                 self_url: str | None = None, upstream: str | None = None):
+                 self_url: str | None = None, upstream: str | None = None,
+                 data_dirs=(), allow_remote_code: bool = False):
         from ollama_ft.serve.jobs import JobManager
         from ollama_ft.serve.store import default_root
 
@@ -52,9 +53,18 @@ class Bridge:
         self.engine = engine or Engine()
         # jobs register their models over the REST API: with the daemon in proxy mode,
         # with this very service in embedded mode
-        self.jobs = JobManager(Path(home or default_root()), register_host=upstream or self_url)
+        from ollama_ft.serve.jobpolicy import JobPolicy
+
+        root = Path(home or default_root())
+        self.jobs = JobManager(root, register_host=upstream or self_url, policy=JobPolicy(
+            root, [Path(d) for d in data_dirs], allow_remote_code))
         self.api_key = api_key
         self.max_body, self.max_blob = max_body, max_blob
+        from urllib.parse import urlsplit
+
+        from ollama_ft.serve.server import is_loopback
+
+        self.loopback = self_url is None or is_loopback(urlsplit(self_url).hostname or "")
 
     def close(self):
         self.jobs.close()
@@ -99,6 +109,7 @@ class Bridge:
             Route("/v1/chat/completions", self.v1_chat, methods=["POST"]),
         ]
         job_routes = [
+            Route("/api/ft/uploads", self.upload, methods=["POST"]),
             Route("/api/ft/jobs", self.jobs_create, methods=["POST"]),
             Route("/api/ft/jobs", self.jobs_list, methods=["GET"]),
             Route("/api/ft/jobs/{job_id}", self.jobs_get, methods=["GET"]),
@@ -134,6 +145,9 @@ class Bridge:
         })
         if self.api_key:
             app.add_middleware(_ApiKey, key=self.api_key)
+        from ollama_ft.serve.origins import OriginGuard
+
+        app.add_middleware(OriginGuard, check_host=self.loopback)  # outermost: before the key
         app.state.bridge = self
         return app
 
@@ -436,6 +450,24 @@ class Bridge:
         except OllamaFtError as e:
             return error(400, str(e))
         return JSONResponse(job, status_code=201)
+
+    async def upload(self, request):
+        """A data file for jobs: raw bytes, ?filename=NAME.jsonl (or .json/.csv/.parquet),
+        optional ?digest=sha256:<hex> checked against what arrived."""
+        from ollama_ft.serve.jobpolicy import MAX_UPLOAD, UploadTooLarge
+
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_UPLOAD:
+            return error(413, f"upload larger than {MAX_UPLOAD} bytes")
+        try:
+            saved = await self.jobs.policy.save_upload(
+                request.stream(), request.query_params.get("filename", ""),
+                request.query_params.get("digest"))
+        except UploadTooLarge as e:
+            return error(413, str(e))
+        except OllamaFtError as e:
+            return error(400, str(e))
+        return JSONResponse(saved, status_code=201)
 
     async def jobs_list(self, request):
         return JSONResponse({"jobs": self.jobs.list()})

@@ -83,7 +83,10 @@ def read_jobs(root) -> list[dict]:
 
 
 class JobManager:
-    def __init__(self, root: Path, register_host: str | None = None):
+    def __init__(self, root: Path, register_host: str | None = None, policy=None):
+        from ollama_ft.serve.jobpolicy import JobPolicy
+
+        self.policy = policy or JobPolicy(Path(root))
         self.root = Path(root) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.register_host = register_host
@@ -131,11 +134,8 @@ class JobManager:
     # --- API ---------------------------------------------------------------------------------
     def submit(self, body: dict) -> dict:
         values = from_mapping(body, "job")
-        values.setdefault("output_dir", None)
         job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        if not values.get("output_dir"):
-            values["output_dir"] = str(self.root.parent / "runs" / f"{values.get('name') or 'run'}-{job_id}")
-        cfg = RunConfig(**values).validate("job")
+        cfg = RunConfig(**self.policy.check(values, job_id)).validate("job")
         d = self._dir(job_id)
         d.mkdir(parents=True)
         job = {"id": job_id, "state": "queued", "created_at": time.time(), "config": cfg.to_dict(),

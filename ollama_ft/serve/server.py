@@ -57,7 +57,8 @@ def pick_upstream(upstream: str | None, embedded: bool, own_url: str, log=print)
 
 
 def serve(listen: str | None = None, api_key: str | None = None, home: str | None = None,
-          upstream: str | None = None, embedded: bool = False, log=print) -> None:
+          upstream: str | None = None, embedded: bool = False, log=print, data_dirs=(),
+          allow_remote_code: bool = False) -> None:
     import uvicorn
 
     from ollama_ft.serve.app import Bridge
@@ -72,7 +73,8 @@ def serve(listen: str | None = None, api_key: str | None = None, home: str | Non
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     own = f"http://{shown}:{port}"
     upstream = pick_upstream(upstream, embedded, own, log)
-    bridge = Bridge(home=home, api_key=api_key, self_url=own, upstream=upstream)
+    bridge = Bridge(home=home, api_key=api_key, self_url=own, upstream=upstream,
+                    data_dirs=data_dirs, allow_remote_code=allow_remote_code)
     where = f"proxying to {upstream}" if upstream else f"models in {bridge.store.root}"
     log(f"ollama-ft bridge listening on http://{host}:{port} ({where})")
     log(f"point clients at it: OLLAMA_HOST=http://{host}:{port}  "
