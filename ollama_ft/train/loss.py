@@ -16,12 +16,40 @@ from __future__ import annotations
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in fp32)
 
 
-def causal_lm_parts(model):
-    """(decoder, lm_head) of a PEFT-wrapped or plain *ForCausalLM model."""
-    m = getattr(model, "module", model)  # DDP wrapper
+def causal_lm(model):
+    """The *ForCausalLM model under DDP/FSDP and PEFT wrappers."""
+    m = getattr(model, "module", model)  # DDP / FSDP wrapper
     if hasattr(m, "get_base_model"):
         m = m.get_base_model()
-    return m.model, m.lm_head
+    return m
+
+
+def install_selective_forward(model) -> None:
+    """Let the causal LM's own forward compute the loss at label positions when called with
+    `selective_labels=`: returns (sum of token losses, number of label tokens).
+
+    The loss must be computed inside the forward of the model the Trainer wrapped: DDP
+    all-reduces the gradients of what ran through its forward, and FSDP/ZeRO-3 gather the
+    sharded weights (lm_head included) only there. Calling the inner decoder directly, as
+    a loss function naturally would, trains each rank alone.
+    """
+    lm = causal_lm(model)
+    if getattr(lm, "_ollama_ft_selective", False):
+        return
+    original = lm.forward
+
+    def forward(*args, selective_labels=None, **kwargs):
+        if selective_labels is None:
+            return original(*args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in (
+            "labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")}
+        hidden = lm.model(*args, **kwargs, use_cache=False).last_hidden_state
+        target = selective_labels[:, 1:]
+        keep = target != -100
+        return linear_cross_entropy_sum(hidden[:, :-1][keep], lm.lm_head, target[keep]), keep.sum()
+
+    lm.forward = forward
+    lm._ollama_ft_selective = True
 
 
 def _chunked_ce_function():
@@ -96,17 +124,15 @@ def linear_cross_entropy_sum(h, lm_head, targets):
 
 
 def selective_lm_loss(model, inputs: dict, num_items_in_batch=None):
+    """Mean token loss at the label positions, through `model`'s own forward (wrappers
+    included: see install_selective_forward)."""
     import torch
 
-    labels = inputs["labels"]
-    decoder, lm_head = causal_lm_parts(model)
+    install_selective_forward(model)
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
-    hidden = decoder(**kwargs, use_cache=False).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != -100
-    loss = linear_cross_entropy_sum(hidden[:, :-1][keep], lm_head, target[keep])
+    loss, count = model(**kwargs, selective_labels=inputs["labels"])
     if num_items_in_batch is None:
-        return loss / keep.sum().clamp(min=1)
+        return loss / count.clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
