@@ -7,7 +7,9 @@ are honoured by huggingface_hub itself.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
 META_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
                  "tokenizer_config.json", "special_tokens_map.json", "LICENSE*", "README.md"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+HUB_TIMEOUT = float(os.environ.get("OLLAMA_FT_HUB_TIMEOUT", "30"))  # seconds, per Hub API call
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -89,7 +92,7 @@ def download(repo_id: str, *, allow_pickle: bool = False, revision: str | None =
     patterns = META_PATTERNS + WEIGHT_PATTERNS
     try:
         if not offline:
-            info = HfApi(token=token).model_info(repo_id, revision=revision)
+            info = HfApi(token=token).model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
             files = [s.rfilename for s in (info.siblings or [])]
             has_st = any(f.endswith(".safetensors") for f in files)
             has_bin = any(f.endswith(".bin") and "training_args" not in f for f in files)
@@ -119,7 +122,31 @@ def download(repo_id: str, *, allow_pickle: bool = False, revision: str | None =
                              "online or pass a local folder") from None
     except hf_errors.HfHubHTTPError as e:
         raise BaseModelError(f"{repo_id}: the Hub answered an error: {e}") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise BaseModelError(f"{repo_id}: the disk filled up while downloading into the "
+                                 "Hugging Face cache; free space (or set HF_HOME to a bigger "
+                                 "disk) and run again: what was downloaded is kept") from None
+        raise _unreachable(repo_id, e) from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in TRANSPORT_MODULES:
+            raise _unreachable(repo_id, e) from None
+        raise
     return Path(local)
+
+
+# the HTTP stacks huggingface_hub may use; their errors mean the Hub could not be reached
+TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl")
+
+
+def _unreachable(repo_id: str, e: Exception) -> BaseModelError:
+    import huggingface_hub
+
+    return BaseModelError(
+        f"{repo_id}: the Hugging Face Hub could not be reached at "
+        f"{huggingface_hub.constants.ENDPOINT} ({type(e).__name__}: {str(e)[:120]}); check the "
+        "network or proxy, or set HF_HUB_OFFLINE=1 to use the local cache, or pass a local "
+        "checkpoint folder")
 
 
 def _pickle_only(where) -> BaseModelError:

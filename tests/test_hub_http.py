@@ -72,3 +72,33 @@ def test_hub_refusals_are_clear(hub_url, tmp_path, repo, needle):
                         "--base", repo], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("how", ["refused", "timeout"])
+def test_an_unreachable_hub_is_a_clear_error(tmp_path, how):
+    """No network and HF_HUB_OFFLINE unset: a message and exit 2, not a transport traceback."""
+    import socket
+
+    from tests.conftest import free_port
+
+    silent = None
+    if how == "refused":
+        endpoint = f"http://127.0.0.1:{free_port()}"
+    else:  # accepts the connection, never answers
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "3",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "3", "OLLAMA_FT_HUB_TIMEOUT": "3"}
+    (tmp_path / "d.jsonl").write_text('{"prompt": "q", "response": "a"}\n')
+    try:
+        r = subprocess.run([sys.executable, "-m", "ollama_ft", "data", "check",
+                            str(tmp_path / "d.jsonl"), "--base", "deepseek-r1:1.5b"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    finally:
+        if silent is not None:
+            silent.close()
+    assert r.returncode == 2, r.stderr
+    assert "could not be reached" in r.stderr and "Traceback" not in r.stderr, r.stderr
