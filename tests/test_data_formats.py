@@ -116,6 +116,8 @@ def test_duplicates_and_empty_records_dropped_and_reported(tmp_path):
     (b'{"text": "hello"}\n', "d.jsonl:1: cannot tell the data format"),
     (b'{"prompt": "Q", "response": "A"}\n{"input": "Q", "output": "A"}\n', "d.jsonl:2: this record looks like input-output"),
     (b'[1, 2]\n', "d.jsonl:1: cannot tell the data format"),
+    (b'{"messages": [{"role": "user", "content": "6*7?"}, {"role": "assistant", "content": 42}]}\n',
+     "d.jsonl:1: 'messages[1].content' must be text, got the int 42; write it as a string"),
 ])
 def test_bad_records_fail_with_file_and_line(tmp_path, content, needle):
     f = tmp_path / "d.jsonl"

@@ -12,6 +12,8 @@ Any shape may carry `system`. Reasoning for R1 models is either inside the assis
 
 from __future__ import annotations
 
+import json
+
 from ollama_ft.chat_formats import Message
 
 SHAPES = ("messages", "sharegpt", "alpaca", "prompt-response", "input-output")
@@ -84,8 +86,9 @@ def _text(value, field: str) -> str:
             return "".join(texts)
     if value is None:
         raise RecordError(f"'{field}' is missing")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, (int, float, bool)):  # not silently turned into text
+        raise RecordError(f"'{field}' must be text, got the {type(value).__name__} "
+                          f"{json.dumps(value)}; write it as a string, e.g. \"{value}\"")
     raise RecordError(f"'{field}' must be text, got {type(value).__name__}")
 
 
