@@ -247,6 +247,11 @@ def test_template_file_replaces_the_formats_template(tmp_path):
     mf = build_modelfile(None, template_file=tf)
     assert mf.template == "{{ range .Messages }}{{ .Content }}{{ end }}\n"
     assert mf.parameter("stop") == []
+    # for a known format, the template must write the BOS the GGUF does not add
+    with pytest.raises(TemplateError, match="does not start with <｜begin▁of▁sentence｜>"):
+        build_modelfile("deepseek-coder", template_file=tf)
+    tf.write_text("<｜begin▁of▁sentence｜>{{ range .Messages }}{{ .Content }}{{ end }}\n",
+                  encoding="utf-8")
     mf = build_modelfile("deepseek-coder", template_file=tf)
     assert mf.parameter("stop") == list(FORMATS["deepseek-coder"].stops)
     tf.write_text("{{ .Prompt ", encoding="utf-8")

@@ -99,6 +99,24 @@ def read_template_file(path: str | Path) -> str:
     return text
 
 
+def _check_bos(template: str, path) -> None:
+    """Our GGUFs do not add BOS (every DeepSeek format writes it; training saw exactly one
+    first), so a TEMPLATE must render it. Templates copied from elsewhere often do not."""
+    from ollama_ft.chat_formats import BOS
+    from ollama_ft.serve.prompt import PromptTemplate
+
+    try:
+        rendered = PromptTemplate(template).render([{"role": "user", "content": "hi"}])
+    except ValueError as e:
+        raise TemplateError(f"--template {path}: not a valid Go template: {e}") from None
+    if not rendered.startswith(BOS):
+        raise TemplateError(
+            f"--template {path}: the prompt it renders does not start with {BOS} "
+            f"(it starts {rendered[:40]!r}). The exported GGUF does not add BOS itself, since "
+            f"training always saw it first from the chat format; begin the template with "
+            f"{BOS} (before any {{{{ .System }}}}), as ollama-ft's own TEMPLATE does")
+
+
 def num_ctx_for(max_len: int | None, base_context: int | None) -> int | None:
     """max(training max length, min(base context, NUM_CTX_CAP)); None when both are unknown
     (Ollama then chooses)."""
@@ -174,6 +192,7 @@ def build_modelfile(chat_format: str | None, *, quant: str | Iterable[str] = DEF
         params: dict = {}
         if chat_format is not None:
             params = template_for(resolve_chat_format(chat_format))[1]
+            _check_bos(template, template_file)
     else:
         if chat_format is None:
             raise TemplateError(f"no chat format for the run; known: {known_formats()}; or give "
