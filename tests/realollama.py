@@ -35,7 +35,8 @@ class RealOllama:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA_")}
         self.env = {**env, "HOME": str(home), "OLLAMA_HOST": self.host,
                     "OLLAMA_MODELS": str(root / "models"), "OLLAMA_NOPRUNE": "1",
-                    "OLLAMA_KEEP_ALIVE": "10m", "OLLAMA_MAX_LOADED_MODELS": "2"}
+                    "OLLAMA_KEEP_ALIVE": "10m", "OLLAMA_MAX_LOADED_MODELS": "2",
+                    "OLLAMA_NO_CLOUD": "1"}  # no calls to ollama.com
         self.log_path = root / "ollama-serve.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([binary, "serve"], env=self.env, stdout=self.log,

@@ -22,9 +22,16 @@ def test_bench_train_runs_and_prints_the_table(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()
             if line.startswith("| common") or line.startswith("| ollama-ft")}
     assert set(rows) == {"common", "ollama-ft"}, table
-    assert rows["ollama-ft"].rstrip().endswith("| 1.00x | 1.00x |")
-    reported = [json.loads(line.split(": ", 1)[1].rsplit(" (", 1)[0].replace("'", '"'))
-                for line in r.stdout.splitlines() if line.startswith(("common: ", "ollama-ft: "))]
-    assert len(reported) == 2  # each contender reports what it measured
-    for res in reported:
+    reported = {line.split(": ", 1)[0]: json.loads(
+        line.split(": ", 1)[1].rsplit(" (", 1)[0].replace("'", '"'))
+        for line in r.stdout.splitlines() if line.startswith(("common: ", "ollama-ft: "))}
+    assert set(reported) == {"common", "ollama-ft"}  # each contender reports what it measured
+    for res in reported.values():
         assert res["tokens"] > 0 and res["peak_rss_mb"] > 0 and res["eval_loss"] > 0
+    common, ours = reported["common"], reported["ollama-ft"]
+    # same training, same loss on the same fixed examples: ours computes the loss differently
+    # (packed rows, chunked cross-entropy at label positions), not another result
+    assert abs(ours["eval_loss"] - common["eval_loss"]) / common["eval_loss"] < 0.02
+    # the table's speed-up is the measured tokens/s ratio
+    cells = [c.strip() for c in rows["common"].split("|")]
+    assert cells[-3] == f"{ours['tokens_per_s'] / common['tokens_per_s']:.2f}x", rows["common"]

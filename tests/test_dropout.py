@@ -1,8 +1,7 @@
 """The LoRA dropout with a cheaper mask (train/dropout.py)."""
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 
 def test_drop_rate_scale_and_gradient():

@@ -140,12 +140,10 @@ def test_go_render_tokenizes_like_the_hf_template(tiny_base, go_renders, family)
 def _vocab_gguf(base: Path, fmt_name: str, out: Path) -> Path:
     """A GGUF holding the tokenizer metadata the export stage writes for `base` (tokens,
     merges, pre-tokenizer, special ids, add_bos), with enough hyperparameters for llama.cpp
-    to load its vocabulary. TODO(export): use the export stage's own F16 GGUF of the base
-    once it offers one for a bare checkpoint; the tokenizer part is the same code."""
-    gguf = pytest.importorskip("gguf")
-    vocab = pytest.importorskip("ollama_ft.export.vocab", reason="export stage not built yet")
-    if not hasattr(vocab, "read_tokenizer") or not hasattr(vocab, "add_tokenizer_to_gguf"):
-        pytest.skip("ollama_ft.export.vocab has no read_tokenizer/add_tokenizer_to_gguf")
+    to load its vocabulary (the tokenizer part is the export stage's own code)."""
+    import gguf
+
+    from ollama_ft.export import vocab
     cfg = json.loads((base / "config.json").read_text(encoding="utf-8"))
     meta = vocab.read_tokenizer(base, int(cfg["vocab_size"]), FORMATS[fmt_name])
     arch = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
@@ -168,7 +166,7 @@ def _vocab_gguf(base: Path, fmt_name: str, out: Path) -> Path:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_llama_cpp_ids_of_the_go_render_equal_hf_ids(tiny_base, go_renders, tmp_path, family):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     from transformers import AutoTokenizer
 
     base = tiny_base(family)

@@ -88,7 +88,7 @@ def verify_prompt(http, url: str, name: str, show: dict, sent_template: str | No
         raise OllamaError(f"{where}, which gives the model no thinking capability "
                           f"(capabilities {caps}); `think` requests would be refused")
     answer = render_probe(http, url, name, [{"role": m.role, "content": m.content} for m in PROBE])
-    rendered = (answer.get("debug_info") or {}).get("rendered_template")
+    rendered = (answer.get("_debug_info") or {}).get("rendered_template")
     if fmt is None:
         return Verification(source, caps, "not checked (a --template of your own)")
     conv = ([Message("system", expected.system)] if expected.system else []) + PROBE

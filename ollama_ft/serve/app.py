@@ -607,7 +607,7 @@ def _rendered(body: dict, handler: str, prompt: str) -> JSONResponse:
     (without the truncation to num_ctx, which needs the model loaded)."""
     out = {"model": body["model"], "created_at": now_iso()}
     out.update({"message": {"role": "", "content": ""}} if handler == "chat" else {"response": ""})
-    out.update(done=False, debug_info={"rendered_template": prompt})
+    out.update(done=False, _debug_info={"rendered_template": prompt})
     return JSONResponse(out)
 
 
