@@ -131,12 +131,19 @@ def split_like_ollama(text: str, fmt, think) -> tuple[str, str]:
     return thinking, content.lstrip()
 
 
+def no_adapters_here(ollama, family, form) -> bool:
+    """Before 0.30 Ollama ran qwen3 in its Go engine, which could not apply LoRA adapters."""
+    major, minor = (int(x) for x in ollama.version.split(".")[:2])
+    return form == "adapter" and EXPECTED_FORMAT[family] == "deepseek-r1-0528" and \
+        (major, minor) < (0, 30)
+
+
 class Registered:
     def __init__(self, ollama, run_dir: Path, ref: Reference, name: str, form: str):
         self.name, self.run_dir, self.ref = name, run_dir, ref
         self.proc = ollama_ft("register", str(run_dir), "--name", name, "--host", ollama.host,
                               *FORMS[form])
-        self.report = json.loads((run_dir / "report.json").read_text())["register"]
+        self.report = json.loads((run_dir / "report.json").read_text()).get("register", {})
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +170,9 @@ def test_register_exits_0_and_knows_what_ollama_uses(ollama, registered, family,
 
     reg = registered(family, form)
     name, proc, report = reg.name, reg.proc, reg.report
+    if no_adapters_here(ollama, family, form):  # refused, and the user is told why
+        assert proc.returncode == 2 and "register the merged GGUF" in proc.stderr, proc.stderr
+        return
     assert proc.returncode == 0, proc.stdout + proc.stderr
     v = report["verification"]
     assert v["template"] == "modelfile TEMPLATE", v
@@ -222,6 +232,9 @@ def test_answers_equal_pytorch_for_every_question_and_think_mode(ollama, registe
                                                                    family, form):
     from ollama_ft.chat_formats import Message
 
+    if no_adapters_here(ollama, family, form):
+        pytest.skip(f"Ollama {ollama.version} cannot apply adapters to qwen3 (the refusal is "
+                    "tested in test_register_exits_0_and_knows_what_ollama_uses)")
     reg = registered(family, form)
     assert reg.proc.returncode == 0, reg.proc.stdout + reg.proc.stderr
     name, ref = reg.name, reg.ref

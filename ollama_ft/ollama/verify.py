@@ -71,8 +71,13 @@ def render_probe(http, url: str, name: str, messages: list[dict], think=None) ->
         body["think"] = think
     r = http.post(f"{url}/api/chat", json=body, timeout=120.0)
     if r.status_code != 200:
+        hint = ""
+        if "loras are not yet implemented" in r.text:  # Ollama < 0.30, Go engine (qwen3, ...)
+            hint = ("; this Ollama runs the model's architecture in its own engine, which "
+                    "cannot apply LoRA adapters (Ollama before 0.30): register the merged GGUF "
+                    "(without --adapter) or update Ollama")
         raise OllamaError(f"{name} was created but the daemon refused a chat: "
-                          f"{r.text.strip()[:300]} (HTTP {r.status_code})")
+                          f"{r.text.strip()[:300]} (HTTP {r.status_code}){hint}")
     return r.json()
 
 
