@@ -276,7 +276,8 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
         import yaml
 
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-    train = (read_json(run_dir / RUN_FILES["report"], {}) or {}).get("train") or {}
+    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
+    train = report.get("train") or {}
     base = cfg.get("base") or train.get("base")
     base_path = train.get("base_path")
     repo_id = train.get("repo_id")
@@ -291,7 +292,9 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
     if not chat_format and template_file is None:
         chat_format = resolve_chat_format(None, _chat_template(base_path),
                                           where=f"{run_dir}: the base {base or base_path or '?'}")
-    quant = quant or cfg.get("quant") or DEFAULT_QUANT
+    # default: the first type the last export wrote (it may differ from run.yaml's quant)
+    exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
+    quant = quant or (exported[0] if exported else None) or cfg.get("quant") or DEFAULT_QUANT
     from_ = None
     if adapter:
         first = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()][0]

@@ -169,8 +169,9 @@ class Bridge:
             return error(400, "model is required")
         try:
             return JSONResponse(self.registry.show(name))
-        except NotFound as e:
-            return error(404, str(e))
+        except NotFound:  # /api/show names the tag, /api/chat does not (as Ollama)
+            tagged = name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+            return error(404, f"model '{tagged}' not found")
         except OllamaError as e:
             return error(400, str(e))
 
@@ -243,7 +244,7 @@ class Bridge:
         try:
             self.store.copy(src, dst)
         except NotFound:
-            return error(404, f"model '{src}' not found")
+            return error(404, f'model "{src}" not found')  # Ollama's quotes, here
         except OllamaError as e:
             return error(400, str(e))
         return Response(status_code=200)

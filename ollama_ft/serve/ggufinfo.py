@@ -22,6 +22,7 @@ class GGUFInfo:
     parameter_count: int
     context_length: int | None
     metadata: dict = field(default_factory=dict)  # scalar keys (long arrays as None)
+    tensors: list = field(default_factory=list)  # [{name, shape, type}] in file order
 
     @property
     def parameter_size(self) -> str:
@@ -49,6 +50,15 @@ def file_type_name(code: int | None) -> str:
     except ValueError:
         return f"type-{code}"
     return name.replace("MOSTLY_", "").replace("ALL_", "")
+
+
+def _type_name(code: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(code).name
+    except ValueError:
+        return f"type-{code}"
 
 
 def is_gguf(path: Path) -> bool:
@@ -85,6 +95,10 @@ class _Cursor:
         return self.f.read(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int, keep: bool = True):
+        if vtype == 6:  # float32: its shortest decimal, as Go prints a float32
+            import numpy as np
+
+            return float(str(np.float32(self.unpack("<f"))))
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
@@ -117,11 +131,11 @@ def read_info(path: str | Path) -> GGUFInfo:
         for _ in range(n_kv):
             key = c.string()
             meta[key] = c.value(c.unpack("<I"))
-        count = 0
+        count, tensors = 0, []
         for _ in range(n_tensors):
-            c.string(keep=False)
+            name = c.string()
             dims = [c.unpack("<Q") for _ in range(c.unpack("<I"))]
-            c.unpack("<I")
+            tensors.append({"name": name, "shape": dims, "type": _type_name(c.unpack("<I"))})
             c.unpack("<Q")
             n = 1
             for d in dims:
@@ -131,7 +145,7 @@ def read_info(path: str | Path) -> GGUFInfo:
     return GGUFInfo(architecture=arch, general_type=meta.get("general.type") or "model",
                     file_type=file_type_name(meta.get("general.file_type")),
                     parameter_count=count, context_length=meta.get(f"{arch}.context_length"),
-                    metadata=meta)
+                    metadata=meta, tensors=tensors)
 
 
 def token_texts(path: str | Path, ids: list[int]) -> dict[int, str]:

@@ -269,7 +269,7 @@ class Registry:
         m = self.get(name)
         info = read_info(m.model_path)
         params = []
-        for k in sorted(m.params):
+        for k in m.params:  # in the order they were given, as Ollama lists them
             vals = m.params[k] if isinstance(m.params[k], list) else [m.params[k]]
             params += [f"{k:<30} {json.dumps(v, ensure_ascii=False) if isinstance(v, str) else _go(v)}"
                        for v in vals]
@@ -278,12 +278,17 @@ class Registry:
         # without general.name and the chat template
         model_info = {k: v for k, v in info.metadata.items()
                       if k not in ("general.name", "tokenizer.chat_template")}
-        return {"license": "\n".join(m.license), "modelfile": modelfile_text(m),
-                "parameters": "\n".join(params),
-                "template": shown.text if isinstance(shown, JinjaPrompt) else m.template,
-                "system": m.system, "details": m.details(), "model_info": model_info,
-                "capabilities": m.capabilities, "modified_at": m.modified_at(),
-                "messages": m.messages or None}
+        model_info["general.parameter_count"] = info.parameter_count
+        out = {"modelfile": modelfile_text(m), "parameters": "\n".join(params),
+               "template": shown.text if isinstance(shown, JinjaPrompt) else m.template,
+               "details": m.details(), "model_info": model_info, "tensors": info.tensors,
+               "capabilities": m.capabilities, "modified_at": m.modified_at()}
+        # as Ollama: license, system and messages only when there are some
+        for key, value in (("license", "\n".join(m.license)), ("system", m.system),
+                           ("messages", m.messages)):
+            if value:
+                out[key] = value
+        return out
 
     def tags(self) -> list[dict]:
         out = []
@@ -293,9 +298,14 @@ class Registry:
             except OllamaError:
                 continue
             size = sum(l.get("size", 0) for l in man.data.get("layers", []))
+            info = read_info(m.model_path)
+            arch = info.architecture
+            details = {**m.details(), "context_length": info.context_length,
+                       "embedding_length": info.metadata.get(f"{arch}.embedding_length")}
             out.append({"name": man.name.short, "model": man.name.short,
                         "modified_at": iso(man.modified), "size": size, "digest": man.digest,
-                        "details": m.details()})
+                        "details": {k: v for k, v in details.items() if v is not None},
+                        "capabilities": m.capabilities})
         out.sort(key=lambda r: r["modified_at"], reverse=True)
         return out
 
