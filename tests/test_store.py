@@ -48,3 +48,18 @@ def test_blobs_manifests_copy_delete_prune(tmp_path):
         store.get("gone")
     with pytest.raises(OllamaError, match="invalid digest"):
         store.blob_path("sha256:XYZ")
+
+
+def test_delete_keeps_blobs_uploaded_for_a_create_still_to_come(tmp_path):
+    """The register flow uploads first and creates after: deleting another model meanwhile
+    must not take that upload (it once pruned every unreferenced blob)."""
+    store = Store(tmp_path)
+    old, pending = b"GGUF old model", b"GGUF uploaded, create not yet sent"
+    d_old, _ = store.write_blob([old])
+    d_pending, _ = store.write_blob([pending])
+    store.write_manifest("old", {"model_format": "gguf"},
+                         [{"mediaType": "application/vnd.ollama.image.model", "digest": d_old,
+                           "size": len(old)}])
+    store.delete("old")
+    assert not store.has_blob(d_old)  # the deleted model's own layer goes
+    assert store.has_blob(d_pending)  # the upload stays

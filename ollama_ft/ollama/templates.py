@@ -292,9 +292,14 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
     if not chat_format and template_file is None:
         chat_format = resolve_chat_format(None, _chat_template(base_path),
                                           where=f"{run_dir}: the base {base or base_path or '?'}")
-    # default: the first type the last export wrote (it may differ from run.yaml's quant)
-    exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
-    quant = quant or (exported[0] if exported else None) or cfg.get("quant") or DEFAULT_QUANT
+    if not quant:  # run.yaml's quant; if its GGUF is not there, the first one that is
+        quant = cfg.get("quant") or DEFAULT_QUANT
+        prefix = "base-" if adapter else "model-"
+        first = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()]
+        exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
+        if first and not (run_dir / quant_file(first[0]).replace("model-", prefix, 1)).is_file():
+            quant = next((k for k in exported if (run_dir / quant_file(k).replace(
+                "model-", prefix, 1)).is_file()), quant)
     from_ = None
     if adapter:
         first = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()][0]

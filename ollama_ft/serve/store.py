@@ -147,10 +147,18 @@ class Store:
         return out
 
     def delete(self, name: str) -> None:
+        """Remove the manifest and those of its layers no other manifest uses, under the lock.
+        Other unreferenced blobs stay: they may be uploads for a `create` still to come (the
+        register flow uploads first); Ollama prunes those only at start, an hour old."""
         m = self.get(name)
         with self._lock:
             self._manifest_path(m.name).unlink()
-        self.prune()
+            mine = {m.data["config"]["digest"]} | {l["digest"] for l in m.data.get("layers", [])}
+            for other in self.list():
+                mine -= {other.data["config"]["digest"]}
+                mine -= {l["digest"] for l in other.data.get("layers", [])}
+            for digest in mine:
+                self.blob_path(digest).unlink(missing_ok=True)
 
     def copy(self, source: str, destination: str) -> Manifest:
         m = self.get(source)
