@@ -82,17 +82,6 @@ def ollama(tmp_path_factory):
     server.stop()
 
 
-
-@pytest.fixture(scope="module")
-def ollama(tmp_path_factory):
-    binary = shutil.which(OLLAMA) or OLLAMA
-    if not Path(binary).is_file():
-        pytest.fail(f"OLLAMA_FT_TEST_OLLAMA={OLLAMA!r} is not an executable")
-    server = RealOllama(binary, tmp_path_factory.mktemp("real-ollama"))
-    yield server
-    server.stop()
-
-
 def ollama_ft(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
     """The ollama-ft CLI, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "ollama_ft", *args], capture_output=True,
