@@ -293,3 +293,17 @@ def test_modelfile_for_run_detects_the_format_from_the_base(tmp_path):
     (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>"}))
     with pytest.raises(TemplateError, match="matches none of the DeepSeek chat formats"):
         modelfile_for_run(run)
+
+
+def test_the_bridge_takes_options_by_the_modelfile_parameter_table():
+    """One table of option names and types: a PARAMETER a Modelfile may carry is an option
+    the bridge accepts (mirostat was once known to the Modelfile only)."""
+    from ollama_ft.serve.engine import BadOption, check_options
+
+    assert check_options({"mirostat": 0, "use_mlock": True}) == {}  # deprecated: ignored
+    assert check_options({"draft_num_predict": 3, "num_ctx": 8.0}) == {"draft_num_predict": 3,
+                                                                      "num_ctx": 8}
+    with pytest.raises(BadOption, match="invalid option provided: nope"):
+        check_options({"nope": 1})
+    with pytest.raises(BadOption, match='"top_k" must be of type integer'):
+        check_options({"top_k": 0.5})

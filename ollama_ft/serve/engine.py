@@ -13,20 +13,19 @@ from pathlib import Path
 from typing import Iterator
 
 from ollama_ft.errors import OllamaError
+from ollama_ft.ollama.modelfile import (BOOL_PARAMETERS, DEPRECATED_PARAMETERS, FLOAT_PARAMETERS,
+                                         INT_PARAMETERS, LIST_PARAMETERS, PARAMETERS)
 
 # Ollama's defaults, overridden by the model's PARAMETERs, then by the request's options
 DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
-                   "typical_p": 1.0, "repeat_penalty": 1.1, "repeat_last_n": 64,
+                   "typical_p": 1.0, "repeat_penalty": 1.0, "repeat_last_n": 64,
                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_predict": -1,
                    "num_ctx": int(os.environ.get("OLLAMA_CONTEXT_LENGTH", "4096")), "seed": -1,
                    "num_batch": 512, "num_thread": 0, "stop": []}
-INT_OPTIONS = {"num_ctx", "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_batch",
-               "num_gpu", "main_gpu", "num_thread"}
-FLOAT_OPTIONS = {"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                 "frequency_penalty"}
-BOOL_OPTIONS = {"use_mmap", "numa", "use_mlock", "low_vram", "f16_kv", "vocab_only", "penalize_newline"}
-LIST_OPTIONS = {"stop"}
-VALID_OPTIONS = INT_OPTIONS | FLOAT_OPTIONS | BOOL_OPTIONS | LIST_OPTIONS
+# the option names and types are the Modelfile PARAMETER table's (one table for both)
+INT_OPTIONS, FLOAT_OPTIONS = INT_PARAMETERS, FLOAT_PARAMETERS
+BOOL_OPTIONS, LIST_OPTIONS = BOOL_PARAMETERS, LIST_PARAMETERS
+VALID_OPTIONS = PARAMETERS | DEPRECATED_PARAMETERS  # deprecated: accepted, ignored
 
 
 class BadOption(OllamaError):
@@ -40,6 +39,8 @@ def check_options(options: dict | None, where: str = "options") -> dict:
         if k not in VALID_OPTIONS:
             raise BadOption(f"invalid option provided: {k}" if where == "options"
                             else f"unknown parameter '{k}'")
+        if k in DEPRECATED_PARAMETERS:  # as Ollama: accepted with a warning, then ignored
+            continue
         try:
             if k in INT_OPTIONS:
                 if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
