@@ -51,26 +51,16 @@ class Reference:
         model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
         self.model = PeftModel.from_pretrained(model, run_dir / "adapter").merge_and_unload().eval()
         self.fmt = FORMATS[fmt_name]
-        self.stop_ids = [self.tok.convert_tokens_to_ids(s) for s in self.fmt.stops
-                         if self.tok.convert_tokens_to_ids(s) not in (None, self.tok.unk_token_id)]
-        self.stop_ids.append(self.tok.eos_token_id)
 
     def ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def continue_greedy(self, ids: list[int]) -> str:
         """The greedy continuation as text, ended where Ollama's stops end it."""
-        import torch
+        from ollama_ft.train.generate import greedy_continuation
 
-        with torch.no_grad():
-            out = self.model.generate(torch.tensor([ids]), max_new_tokens=NUM_PREDICT,
-                                      do_sample=False, eos_token_id=self.stop_ids,
-                                      pad_token_id=self.stop_ids[0])
-        new = out[0, len(ids):].tolist()
-        if new and new[-1] in self.stop_ids:
-            new.pop()
-        text = self.tok.decode(new, skip_special_tokens=False)
-        for stop in self.fmt.stops:
+        text = greedy_continuation(self.model, self.tok, self.fmt, ids, NUM_PREDICT)
+        for stop in self.fmt.stops:  # text stops (deepseek-llm's "User:") too
             text = text.split(stop)[0]
         return text
 

@@ -144,8 +144,9 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     reply, verification = "", None
     if verify:
         from ollama_ft.ollama.verify import Expected
+        from ollama_ft.serve.ggufinfo import chat_template
 
-        gguf_template = _gguf_chat_template(files.get("files"))
+        gguf_template = chat_template(files.get("files"))
         reply, verification = _verify(client, url, headers, target.short, request,
                                       expected or Expected(None), gguf_template)
         log(f"  Ollama uses the {verification.template}; {verification.prompt}"
@@ -153,17 +154,6 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     log(f"registered {target.short}")
     return RegisterResult(target.short, url, version, mf_path, uploaded, skipped, reply,
                           round(time.perf_counter() - t0, 2), verification)
-
-
-def _gguf_chat_template(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    from ollama_ft.serve.ggufinfo import NotGGUF, read_info
-
-    try:
-        return read_info(path).metadata.get("tokenizer.chat_template")
-    except (OSError, NotGGUF):
-        return None
 
 
 def _verify(client, url: str, headers: dict, name: str, request: dict, expected,

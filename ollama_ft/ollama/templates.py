@@ -164,8 +164,14 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, str]]:
 ADAPTER_FILE = "./adapter.gguf"  # what `export --adapter-only` writes beside base-<quant>.gguf
 
 
-def quant_file(quant: str) -> str:
-    return f"model-{quant.strip().lower()}.gguf"
+def quant_file(quant: str, adapter: bool = False) -> str:
+    """model-<quant>.gguf, or base-<quant>.gguf (the base beside adapter.gguf)."""
+    return f"{'base' if adapter else 'model'}-{quant.strip().lower()}.gguf"
+
+
+def quant_list(quant: str | Iterable[str]) -> list[str]:
+    """"q4_k_m,q8_0" or a list -> the quant names, empty ones dropped."""
+    return [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()]
 
 
 def build_modelfile(chat_format: str | None, *, quant: str | Iterable[str] = DEFAULT_QUANT,
@@ -199,7 +205,7 @@ def build_modelfile(chat_format: str | None, *, quant: str | Iterable[str] = DEF
                                 "a Go template with --template FILE")
         template, params = template_for(resolve_chat_format(chat_format))
 
-    quants = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()]
+    quants = quant_list(quant)
     if from_ is None:
         if not quants:
             raise TemplateError("no quant type for the run's GGUF (e.g. --quant q4_k_m)")
@@ -294,16 +300,12 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
                                           where=f"{run_dir}: the base {base or base_path or '?'}")
     if not quant:  # run.yaml's quant; if its GGUF is not there, the first one that is
         quant = cfg.get("quant") or DEFAULT_QUANT
-        prefix = "base-" if adapter else "model-"
-        first = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()]
+        first = quant_list(quant)
         exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
-        if first and not (run_dir / quant_file(first[0]).replace("model-", prefix, 1)).is_file():
-            quant = next((k for k in exported if (run_dir / quant_file(k).replace(
-                "model-", prefix, 1)).is_file()), quant)
-    from_ = None
-    if adapter:
-        first = [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()][0]
-        from_ = "./" + quant_file(first).replace("model-", "base-", 1)
+        if first and not (run_dir / quant_file(first[0], adapter)).is_file():
+            quant = next((k for k in exported if (run_dir / quant_file(k, adapter)).is_file()),
+                         quant)
+    from_ = "./" + quant_file(quant_list(quant)[0], adapter=True) if adapter else None
     return build_modelfile(chat_format, quant=quant, max_len=cfg.get("max_len"),
                            base_context=_base_context(base_path, repo_id, base),
                            system=system, overrides=overrides, template_file=template_file,

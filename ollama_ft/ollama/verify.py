@@ -63,12 +63,10 @@ def template_source(shown: str, sent: str | None, gguf_template: str | None) -> 
     return "another template"
 
 
-def render_probe(http, url: str, name: str, messages: list[dict], think=None) -> dict:
+def render_probe(http, url: str, name: str, messages: list[dict]) -> dict:
     """POST /api/chat with _debug_render_only (num_predict 1 for daemons that ignore it)."""
     body = {"model": name, "messages": messages, "stream": False,
             "_debug_render_only": True, "options": {"num_predict": 1, "temperature": 0}}
-    if think is not None:
-        body["think"] = think
     r = http.post(f"{url}/api/chat", json=body, timeout=120.0)
     if r.status_code != 200:
         hint = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,3 +169,19 @@ def token_texts(path: str | Path, ids: list[int]) -> dict[int, str]:
                 return found
             c.value(vtype, keep=False)
     return found
+
+
+@functools.lru_cache(maxsize=64)
+def cached_info(path: Path) -> GGUFInfo:
+    """read_info for store blobs and exported files, read once: they never change."""
+    return read_info(path)
+
+
+def chat_template(path: Path | None) -> str | None:
+    """The GGUF's tokenizer.chat_template, None when absent or unreadable."""
+    if path is None:
+        return None
+    try:
+        return cached_info(Path(path)).metadata.get("tokenizer.chat_template") or None
+    except (OSError, NotGGUF):
+        return None

@@ -15,7 +15,7 @@ from typing import Iterator
 from ollama_ft.errors import OllamaError
 from ollama_ft.ollama.names import parse_name
 from ollama_ft.serve.engine import check_options
-from ollama_ft.serve.ggufinfo import NotGGUF, read_info
+from ollama_ft.serve.ggufinfo import NotGGUF, cached_info, chat_template
 from ollama_ft.serve.capabilities import capabilities, uses_go_template
 from ollama_ft.serve.prompt import JinjaPrompt, PromptTemplate
 from ollama_ft.serve.store import LAYER, Manifest, NotFound, Store, check_digest
@@ -41,10 +41,10 @@ class Model:
 
     @property
     def chat_template(self) -> str | None:
-        """The GGUF's tokenizer.chat_template (blobs never change: read once)."""
-        return _gguf_chat_template(self.model_path)
+        """The GGUF's tokenizer.chat_template."""
+        return chat_template(self.model_path)
 
-    @property
+    @functools.cached_property
     def go_template(self) -> PromptTemplate | None:
         return PromptTemplate(self.template) if self.template else None
 
@@ -75,19 +75,11 @@ class Model:
 
 
 @functools.lru_cache(maxsize=64)
-def _gguf_chat_template(path: Path) -> str | None:
-    try:
-        return read_info(path).metadata.get("tokenizer.chat_template") or None
-    except (OSError, NotGGUF):
-        return None
-
-
-@functools.lru_cache(maxsize=64)
 def _gguf_specials(path: Path) -> tuple[str, str]:
     """(BOS text, EOS text) of a GGUF, for Jinja templates that write bos_token."""
     from ollama_ft.serve.ggufinfo import token_texts
 
-    meta = read_info(path).metadata
+    meta = cached_info(path).metadata
     ids = [meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")]
     texts = token_texts(path, [i for i in ids if isinstance(i, int)])
     return tuple(texts.get(i, "") if isinstance(i, int) else "" for i in ids)
@@ -198,14 +190,14 @@ class Registry:
         if files:
             digest = next(iter(files.values()))
             try:
-                model_info = read_info(self.store.blob_path(digest))
+                model_info = cached_info(self.store.blob_path(digest))
             except NotGGUF as e:
                 raise BadRequest(str(e)) from None
             if model_info.general_type == "adapter":
                 raise BadRequest("the model file is a LoRA adapter; send it in 'adapters'")
         if adapters:
             try:
-                adapter_info = read_info(self.store.blob_path(next(iter(adapters.values()))))
+                adapter_info = cached_info(self.store.blob_path(next(iter(adapters.values()))))
             except NotGGUF as e:
                 raise BadRequest(str(e)) from None
             if adapter_info.general_type != "adapter":
@@ -267,7 +259,7 @@ class Registry:
     # --- /api/show, /api/tags ------------------------------------------------------------------
     def show(self, name: str) -> dict:
         m = self.get(name)
-        info = read_info(m.model_path)
+        info = cached_info(m.model_path)
         params = []
         for k in m.params:  # in the order they were given, as Ollama lists them
             vals = m.params[k] if isinstance(m.params[k], list) else [m.params[k]]
@@ -298,7 +290,7 @@ class Registry:
             except OllamaError:
                 continue
             size = sum(l.get("size", 0) for l in man.data.get("layers", []))
-            info = read_info(m.model_path)
+            info = cached_info(m.model_path)
             arch = info.architecture
             details = {**m.details(), "context_length": info.context_length,
                        "embedding_length": info.metadata.get(f"{arch}.embedding_length")}

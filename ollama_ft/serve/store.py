@@ -171,19 +171,6 @@ class Store:
             os.replace(tmp, path)
         return self.get(dst)
 
-    def prune(self) -> int:
-        """Remove blobs no manifest references (Ollama prunes them too)."""
-        used = set()
-        for m in self.list():
-            used.add(m.data["config"]["digest"])
-            used.update(l["digest"] for l in m.data.get("layers", []))
-        removed = 0
-        for b in self.blobs.glob("sha256-*"):
-            if b.name.replace("-", ":", 1) not in used:
-                b.unlink()
-                removed += 1
-        return removed
-
 
 class BlobWriter:
     """Write chunks to a temporary file while hashing; on a clean exit, verify and rename."""

@@ -8,9 +8,15 @@ from ollama_ft.data.tokenize import encode_prompt
 
 def greedy_answer(model, tokenizer, fmt: ChatFormat, messages: list[Message],
                   max_new_tokens: int = 64) -> str:
+    return greedy_continuation(model, tokenizer, fmt, encode_prompt(tokenizer, fmt, messages),
+                               max_new_tokens)
+
+
+def greedy_continuation(model, tokenizer, fmt: ChatFormat, ids: list[int],
+                        max_new_tokens: int = 64) -> str:
+    """The greedy continuation of prompt ids as text, ended at the format's stop tokens."""
     import torch
 
-    ids = encode_prompt(tokenizer, fmt, messages)
     stop_ids = [tokenizer.convert_tokens_to_ids(s) for s in fmt.stops]
     stop_ids = [i for i in stop_ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
     with torch.no_grad():
