@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# HF architecture class -> (short name used everywhere here, GGUF architecture)
+# HF architecture class -> (short name used everywhere here, GGUF architecture). The one table
+# of that fact: export/gguf.py keys its per-architecture specs by the short name and takes the
+# GGUF architecture from here; train/lora.py keys its LoRA targets by the short name.
 ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", "qwen2"),
     "LlamaForCausalLM": ("llama", "llama"),
@@ -82,3 +84,14 @@ def lookup_repo(repo_id: str) -> BaseModel | None:
 
 def supported_architectures() -> str:
     return ", ".join(sorted(f"{k} ({v[0]})" for k, v in ARCHITECTURES.items()))
+
+
+def short_name(hf_class: str) -> str | None:
+    """`LlamaForCausalLM` -> `llama`; None for an architecture we do not support."""
+    entry = ARCHITECTURES.get(hf_class)
+    return entry[0] if entry else None
+
+
+def gguf_architecture(short: str) -> str:
+    """The GGUF (llama.cpp) architecture of a short name: `qwen2` -> `qwen2`."""
+    return {s: g for s, g in ARCHITECTURES.values()}[short]

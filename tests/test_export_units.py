@@ -36,12 +36,46 @@ def test_unknown_quant_lists_valid_types():
 def test_quant_types_map_to_llama_cpp_file_types():
     import gguf
 
-    from ollama_ft.export.quantize import QUANT_TYPES
+    from ollama_ft.export.gguf import DIRECT_TYPES
+    from ollama_ft.export.quantize import QUANT_TYPES, parse_quants
 
-    for q in QUANT_TYPES.values():  # every name resolves to a llama_ftype
-        assert q.file_type == int(gguf.LlamaFileType["ALL_F32" if q.name == "f32"
-                                                     else "MOSTLY_" + q.name.upper()])
-    assert QUANT_TYPES["q4_k_m"].file_type == 15 and QUANT_TYPES["q8_0"].file_type == 7
+    # every type --quant accepts has a llama_ftype, the one gguf.py and llama.cpp both use
+    for q in parse_quants(list(QUANT_TYPES)):
+        assert q.file_type == int(gguf.LlamaFileType[q.file_type_name]), q.name
+    assert {k: q.file_type for k, q in DIRECT_TYPES.items()} == {"F32": 0, "F16": 1, "BF16": 32,
+                                                                 "Q8_0": 7}
+    assert QUANT_TYPES["q4_k_m"].file_type == 15 and QUANT_TYPES["q6_k"].file_type == 18
+
+
+def test_architecture_tables_agree():
+    """catalog.ARCHITECTURES is the one table of HF class -> short name -> GGUF architecture;
+    every table keyed by the short name covers it, and every catalogue base uses it."""
+    import gguf
+
+    from ollama_ft import catalog
+    from ollama_ft.export.gguf import EXPORT_SPECS, arch_spec
+    from ollama_ft.train.lora import LINEAR_TARGETS
+
+    shorts = {short for short, _ in catalog.ARCHITECTURES.values()}
+    assert set(EXPORT_SPECS) == shorts  # each trainable architecture exports; no orphan spec
+    assert shorts <= set(LINEAR_TARGETS)
+    assert not set(catalog.PLANNED_ARCHITECTURES) & set(catalog.ARCHITECTURES)
+    planned = set(catalog.PLANNED_ARCHITECTURES.values())
+    for m in catalog.CATALOG:
+        assert m.architecture in (shorts if m.supported else planned), m.alias
+    for hf_class, (short, gguf_arch) in catalog.ARCHITECTURES.items():
+        spec = arch_spec({"architectures": [hf_class]}, "config.json")
+        assert (spec.name, spec.gguf_arch) == (short, gguf_arch)
+        assert gguf_arch in gguf.MODEL_ARCH_NAMES.values() and spec.model_arch() is not None
+
+
+def test_export_refuses_an_architecture_outside_the_catalogue():
+    from ollama_ft.export.errors import UnsupportedModelError
+    from ollama_ft.export.gguf import arch_spec
+
+    with pytest.raises(UnsupportedModelError, match="DeepseekV2ForCausalLM has no GGUF table; "
+                       "export supports .*LlamaForCausalLM"):
+        arch_spec({"architectures": ["DeepseekV2ForCausalLM"]}, "config.json")
 
 
 # --- tables and transforms ----------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Hugging Face safetensors -> GGUF, per architecture, streaming.
 
-A table per architecture (`ARCHITECTURES`) says which config.json keys become which GGUF
-hyperparameters and which tensors need a transform on the way (llama's rotary permutation of
-q/k). Tensor names come from gguf-py's own name map. `write_gguf` plans every tensor from the
-headers alone (names, shapes, output types, byte sizes), writes the GGUF header, then streams
-each tensor block by block: read rows lazily, add the LoRA delta in fp32, permute, cast, write.
+A table per architecture (`EXPORT_SPECS`, keyed by the short name catalog.ARCHITECTURES gives
+each Hugging Face class, which also gives the GGUF architecture) says which config.json keys
+become which GGUF hyperparameters and which tensors need a transform on the way (llama's rotary
+permutation of q/k). Tensor names come from gguf-py's own name map. `write_gguf` plans every
+tensor from the headers alone (names, shapes, output types, byte sizes), writes the GGUF header,
+then streams each tensor block by block: read rows lazily, add the LoRA delta in fp32, permute,
+cast, write.
 
 Output types: 1-D tensors (norms, biases, rope factors) stay F32; 2-D tensors take the file's
-type (F32, F16, BF16 or Q8_0; Q8_0 falls back to F16 for rows not divisible by 32, as
-llama.cpp's converter does).
+type (the direct types of quantize.QUANT_TYPES: F32, F16, BF16 or Q8_0; Q8_0 falls back to F16
+for rows not divisible by 32, as llama.cpp's converter does).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Callable
 
 import numpy as np
 
+from ollama_ft import catalog
 from ollama_ft.export.errors import UnsupportedModelError
 from ollama_ft.export.merge import MergedModel, f32_to_bf16_bits, row_blocks
+from ollama_ft.export.quantize import QUANT_TYPES
 
 
 # --- hyperparameters ----------------------------------------------------------------------
@@ -78,14 +82,18 @@ LLAMA_ROTARY = (RowPermutation(r"\.q_proj\.(weight|bias)$", ("num_attention_head
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What one Hugging Face architecture needs to become a GGUF llama.cpp runs."""
+    """What one architecture needs to become a GGUF llama.cpp runs."""
 
-    hf_class: str
-    gguf_arch: str  # gguf.MODEL_ARCH name, lower case (llama, qwen2, qwen3)
+    name: str  # short name, as catalog.ARCHITECTURES gives it (llama, qwen2, qwen3)
     transforms: tuple[RowPermutation, ...] = ()
     head_dim_keys: bool = False  # write key_length/value_length (head_dim set explicitly)
     rope_types: tuple[str, ...] = ("default", "linear")
     skip: tuple[str, ...] = ("rotary_emb.inv_freq",)  # tensor name endings with no GGUF twin
+
+    @property
+    def gguf_arch(self) -> str:
+        """gguf.MODEL_ARCH name, lower case (llama, qwen2, qwen3), from the catalogue."""
+        return catalog.gguf_architecture(self.name)
 
     def model_arch(self):
         import gguf
@@ -101,21 +109,21 @@ class ArchSpec:
         return None
 
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", transforms=LLAMA_ROTARY,
-                                 rope_types=("default", "linear", "llama3")),
-    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "qwen2", rope_types=("default", "linear", "yarn")),
-    "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", "qwen3", head_dim_keys=True,
-                                 rope_types=("default", "linear", "yarn")),
-}
+EXPORT_SPECS: dict[str, ArchSpec] = {s.name: s for s in (
+    ArchSpec("llama", transforms=LLAMA_ROTARY, rope_types=("default", "linear", "llama3")),
+    ArchSpec("qwen2", rope_types=("default", "linear", "yarn")),
+    ArchSpec("qwen3", head_dim_keys=True, rope_types=("default", "linear", "yarn")),
+)}
 
 
 def arch_spec(config: dict, where: str) -> ArchSpec:
+    """The export spec of a config.json's architecture (via catalog.ARCHITECTURES)."""
     archs = config.get("architectures") or [config.get("model_type", "?")]
-    spec = ARCHITECTURES.get(archs[0])
+    spec = EXPORT_SPECS.get(catalog.short_name(archs[0]) or "")
     if spec is None:
+        known = [k for k, (short, _) in catalog.ARCHITECTURES.items() if short in EXPORT_SPECS]
         raise UnsupportedModelError(f"{where}: architecture {archs[0]} has no GGUF table; "
-                                    f"export supports {', '.join(ARCHITECTURES)}")
+                                    f"export supports {', '.join(known)}")
     return spec
 
 
@@ -165,7 +173,7 @@ def hparams(spec: ArchSpec, config: dict, where: str) -> list[tuple[str, object,
         kind = rs["rope_type"]
         if kind not in spec.rope_types:
             raise UnsupportedModelError(f"{where}: rope scaling {kind!r} is not supported for "
-                                        f"{spec.hf_class} (supported: "
+                                        f"{spec.name} models (supported: "
                                         f"{', '.join(spec.rope_types)})")
         arch = spec.gguf_arch
         if kind in ("linear", "yarn"):
@@ -217,7 +225,8 @@ class TensorPlan:
     generate: Callable[[], np.ndarray] | None = None
 
 
-OUTPUT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+# The types written here (F32, F16, BF16, Q8_0), by tensor type name.
+DIRECT_TYPES = {q.gguf_type: q for q in QUANT_TYPES.values() if q.direct}
 
 
 def _tensor_type(shape, out_type: str):
@@ -255,7 +264,7 @@ def plan_tensors(model: MergedModel, spec: ArchSpec, config: dict, out_type: str
         if generic not in allowed:
             raise UnsupportedModelError(f"{where}: tensor {name!r} has no place in a "
                                         f"{spec.gguf_arch} GGUF; this checkpoint is not a plain "
-                                        f"{spec.hf_class}")
+                                        f"{spec.name} model")
         info = model.ckpt.info(name)
         if info.dtype not in ("F32", "F16", "BF16", "F64"):
             raise UnsupportedModelError(f"{where}: tensor {name!r} is {info.dtype}; export reads "
@@ -410,9 +419,6 @@ class GeneralMetadata:
     extra: dict = field(default_factory=dict)
 
 
-FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
-
-
 def add_base_model(writer, meta: GeneralMetadata) -> None:
     """general.base_model.* : what the model (or adapter) was fine-tuned from."""
     if meta.base_model_name:
@@ -456,17 +462,15 @@ def write_gguf(out_path: Path, model: MergedModel, config: dict, out_type: str,
                tokenizer_meta, general: GeneralMetadata, where: str, log=print,
                threads: int | None = None) -> int:
     """Write a complete GGUF to `out_path` (the caller renames it into place). Returns bytes."""
-    import gguf
-
     from ollama_ft.export.vocab import add_tokenizer_to_gguf
 
-    if out_type not in OUTPUT_TYPES:
+    if out_type not in DIRECT_TYPES:
         raise UnsupportedModelError(f"{out_type} is not written directly; use quantize.py")
     spec = arch_spec(config, where)
     plans = plan_tensors(model, spec, config, out_type, where)
     hp = hparams(spec, config, where)
     with synced_writer(spec.gguf_arch) as writer:
-        add_general(writer, general, int(gguf.LlamaFileType[FILE_TYPES[out_type]]))
+        add_general(writer, general, DIRECT_TYPES[out_type].file_type)
         for key, value, kind in hp:
             _add_kv(writer, key, value, kind)
         add_tokenizer_to_gguf(writer, tokenizer_meta)

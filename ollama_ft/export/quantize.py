@@ -23,11 +23,16 @@ class QuantType:
     bits: float  # bits per weight of a 2-D tensor, rounded up (disk estimates)
 
     @property
+    def file_type_name(self) -> str:
+        """llama.cpp's llama_ftype name (gguf.LlamaFileType): ALL_F32, MOSTLY_Q4_K_M, ..."""
+        return "ALL_F32" if self.name == "f32" else f"MOSTLY_{self.name.upper()}"
+
+    @property
     def file_type(self) -> int:
+        """general.file_type of a GGUF of this type (and llama.cpp's quantizer's ftype)."""
         import gguf
 
-        key = "ALL_F32" if self.name == "f32" else f"MOSTLY_{self.name.upper()}"
-        return int(gguf.LlamaFileType[key])
+        return int(gguf.LlamaFileType[self.file_type_name])
 
     @property
     def gguf_type(self) -> str:
@@ -35,6 +40,7 @@ class QuantType:
         return self.name.upper()
 
 
+# The one table of GGUF output types: gguf.py writes the direct ones, file types come from here.
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
     QuantType("f32", True, 32), QuantType("f16", True, 16), QuantType("bf16", True, 16),
     QuantType("q8_0", True, 8.5),
