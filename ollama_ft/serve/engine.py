@@ -1,13 +1,18 @@
 """The llama.cpp engine behind the bridge: load GGUF models on first use, keep them for
 keep_alive, unload least-recently-used ones under a memory budget, serialise requests to
-one model while different models run side by side, and generate with Ollama's options."""
+one model while different models run side by side, and generate with Ollama's options.
+
+Requests waiting for a busy model wait on an asyncio future (no thread each), at most
+OLLAMA_MAX_QUEUE of them (Ollama's default 512); beyond that they get Ollama's 503."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +35,62 @@ VALID_OPTIONS = PARAMETERS | DEPRECATED_PARAMETERS  # deprecated: accepted, igno
 
 class BadOption(OllamaError):
     pass
+
+
+class ServerBusy(OllamaError):
+    """Ollama's ErrMaxQueue text; the API answers it with 503."""
+
+    def __init__(self):
+        super().__init__("server busy, please try again.  maximum pending requests exceeded")
+
+
+class Slot:
+    """One holder at a time, first come first served. Waiters are asyncio futures, so a
+    queued request holds no thread; release() may be called from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held = False
+        self._waiters: deque = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return
+            fut = loop.create_future()
+            self._waiters.append((loop, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                try:
+                    self._waiters.remove((loop, fut))
+                    owned = False
+                except ValueError:  # already handed to us: pass it on
+                    owned = not fut.cancelled()
+            if owned:
+                self.release()
+            raise
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._waiters:
+                self._held = False
+                return
+            loop, fut = self._waiters.popleft()  # ownership moves to it, _held stays True
+        loop.call_soon_threadsafe(self._hand_over, fut)
+
+    def _hand_over(self, fut) -> None:
+        if fut.cancelled():  # it gave up before it could take the slot
+            self.release()
+        else:
+            fut.set_result(None)
 
 
 def check_options(options: dict | None, where: str = "options") -> dict:
@@ -99,18 +160,41 @@ class Loaded:
     n_ctx: int
     llm: object
     size: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    n_gpu_layers: int = 0
+    slot: Slot = field(default_factory=Slot)
     expires_at: float = 0.0
     last_used: float = 0.0
     busy: int = 0
     load_duration: float = 0.0
+    size_vram: int = 0  # the part of `size` offloaded to the GPU (0 on a CPU-only build)
+
+
+def gpu_offload() -> bool:
+    """Whether this llama-cpp-python was built with a GPU backend (CUDA, Metal, ...)."""
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # pragma: no cover - an old or broken build
+        return False
+
+
+def offloaded_bytes(size: int, n_layers: int, n_gpu_layers: int) -> int:
+    """What llama.cpp puts on the GPU for -ngl N: N of the n_layers blocks plus the output
+    layer (llama.cpp counts n_layers + 1); -1 is all of them, as Ollama's num_gpu default."""
+    total = n_layers + 1
+    on_gpu = total if n_gpu_layers < 0 else min(n_gpu_layers, total)
+    return size * on_gpu // total if total > 0 else 0
 
 
 class Engine:
-    def __init__(self, memory_budget: int | None = None, threads: int | None = None):
+    def __init__(self, memory_budget: int | None = None, threads: int | None = None,
+                 max_queue: int | None = None):
         import psutil
 
         self.budget = memory_budget or int(psutil.virtual_memory().available * 0.8)
+        self.max_queue = max_queue if max_queue is not None else int(
+            os.environ.get("OLLAMA_MAX_QUEUE") or 512)
         self.threads = threads or os.cpu_count() or 1
         self.models: dict[tuple, Loaded] = {}
         self._lock = threading.RLock()
@@ -152,19 +236,37 @@ class Engine:
         size = model_path.stat().st_size + (adapter_path.stat().st_size if adapter_path else 0)
         return size + n_ctx * 64 * 1024  # weights + a rough KV-cache allowance
 
-    def acquire(self, name: str, digest: str, model_path: Path, adapter_path: Path | None,
-                n_ctx: int, keep_alive: float) -> "Lease":
-        key = (digest, str(adapter_path), n_ctx)
+    def queued(self) -> int:
+        """Requests waiting for a busy model, over all models."""
+        with self._lock:
+            return sum(m.slot.waiting for m in self.models.values())
+
+    async def acquire(self, name: str, digest: str, model_path: Path, adapter_path: Path | None,
+                      n_ctx: int, keep_alive: float, num_gpu: int = -1) -> "Lease":
+        """Wait (without a thread) until the model is free for this request; ServerBusy when
+        max_queue requests are already waiting. The lease is entered in the worker thread
+        that loads the model and generates."""
+        n_gpu = num_gpu if gpu_offload() else 0  # num_gpu means nothing without a GPU backend
+        key = (digest, str(adapter_path), n_ctx, n_gpu)
         with self._lock:
             m = self.models.get(key)
             if m is None:
                 need = self.estimate(model_path, adapter_path, n_ctx)
                 self._make_room(need)
-                m = Loaded(key, name, digest, model_path, adapter_path, n_ctx, None, need)
+                m = Loaded(key, name, digest, model_path, adapter_path, n_ctx, None, need, n_gpu)
                 self.models[key] = m
+            elif m.busy and sum(x.slot.waiting for x in self.models.values()) >= self.max_queue:
+                raise ServerBusy()
             m.busy += 1
             m.expires_at = float("inf")
-        return Lease(self, m, keep_alive)
+        lease = Lease(self, m, keep_alive)
+        try:
+            await m.slot.acquire()
+        except BaseException:
+            lease._release_busy()
+            raise
+        lease.holding = True
+        return lease
 
     def _make_room(self, need: int):
         used = sum(m.size for m in self.models.values())
@@ -184,9 +286,13 @@ class Engine:
         try:
             m.llm = Llama(model_path=str(m.model_path), n_ctx=m.n_ctx, n_threads=self.threads,
                           n_threads_batch=self.threads, lora_path=str(m.adapter_path) if m.adapter_path else None,
-                          verbose=False, seed=0)
+                          n_gpu_layers=m.n_gpu_layers, verbose=False, seed=0)
         except Exception as e:
             raise OllamaError(f"the model failed to load: {e}") from None
+        if m.n_gpu_layers:
+            arch = m.llm.metadata.get("general.architecture", "")
+            n_layers = int(m.llm.metadata.get(f"{arch}.block_count", 0) or 0)
+            m.size_vram = offloaded_bytes(m.size, n_layers, m.n_gpu_layers)
         m.load_duration = time.perf_counter() - t0
 
     def ps(self) -> list[Loaded]:
@@ -195,25 +301,27 @@ class Engine:
 
 
 class Lease:
-    """Holds one model for one request: its lock (requests to it are serialised)."""
+    """Holds one model for one request (requests to a model are serialised): `with lease:`
+    loads the model if needed and gives the model back at the end. A lease dropped without
+    being entered (the client left first) gives it back too."""
 
     def __init__(self, engine: Engine, m: Loaded, keep_alive: float):
         self.engine, self.m, self.keep_alive = engine, m, keep_alive
         self.load_duration = 0.0
+        self.holding = False
+        self._once = threading.Lock()
 
     def __enter__(self) -> "Lease":
-        self.m.lock.acquire()
         try:
             fresh = self.m.llm is None
             self.engine._ensure_loaded(self.m)
             self.load_duration = self.m.load_duration if fresh else 0.0
         except BaseException:
-            self.m.lock.release()
-            self._release()
+            self.release()
             raise
         return self
 
-    def _release(self):
+    def _release_busy(self):
         with self.engine._lock:
             self.m.busy -= 1
             self.m.last_used = time.time()
@@ -221,10 +329,21 @@ class Lease:
             if self.keep_alive <= 0 and self.m.busy == 0:
                 self.engine._unload(self.m.key)
 
+    def release(self):
+        with self._once:
+            if not self.holding:
+                return
+            self.holding = False
+        self._release_busy()
+        self.m.slot.release()
+
     def __exit__(self, *exc):
-        self.m.lock.release()
-        self._release()
+        self.release()
         return False
+
+    def __del__(self):
+        if getattr(self, "holding", False):
+            self.release()
 
     @property
     def llm(self):

@@ -109,6 +109,13 @@ class JobManager:
             raise JobNotFound(f"job '{job_id}' not found")
         return job
 
+    def state(self, job_id: str) -> str | None:
+        """The job's state alone (job.json), without its progress."""
+        try:
+            return (read_json(self._dir(job_id) / "job.json") or {}).get("state")
+        except (OSError, ValueError):
+            return None
+
     def list(self) -> list[dict]:
         return read_jobs(self.root.parent)
 
