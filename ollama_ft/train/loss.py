@@ -30,8 +30,11 @@ def install_selective_forward(model) -> None:
 
     The loss must be computed inside the forward of the model the Trainer wrapped: DDP
     all-reduces the gradients of what ran through its forward, and FSDP/ZeRO-3 gather the
-    sharded weights (lm_head included) only there. Calling the inner decoder directly, as
-    a loss function naturally would, trains each rank alone.
+    sharded weights only there. Calling the inner decoder directly, as a loss function
+    naturally would, trains each rank alone. The output projection, too, is called as a
+    module (linear_cross_entropy_sum): accelerate's FSDP2 shards lm_head in a unit of its own
+    and ZeRO-3 gathers each module's weights in that module's forward hook, so reading
+    lm_head.weight from outside would read a shard.
     """
     lm = causal_lm(model)
     if getattr(lm, "_ollama_ft_selective", False):
@@ -104,21 +107,48 @@ def _chunked_ce_function():
 _FN = None
 
 
-def linear_cross_entropy_sum(h, lm_head, targets):
-    """Sum of token cross-entropies of lm_head(h) against targets."""
+def _is_plain_linear(module) -> bool:
+    """A bias-free nn.Linear, or the same under a sharding wrapper (FSDP2 swaps the class for
+    a subclass that keeps Linear.forward); quantized or adapter-wrapped heads are not."""
     import torch
-    import torch.nn.functional as F
+
+    return (isinstance(module, torch.nn.Linear) and module.bias is None
+            and type(module).forward is torch.nn.Linear.forward)
+
+
+def _install_chunked_head(lm_head) -> None:
+    """Let `lm_head(h, ce_targets=t)` return the chunked cross-entropy sum. Going through the
+    module's call runs the hooks of FSDP2 / ZeRO-3 that gather its weight first, so
+    lm_head.weight is whole inside; without ce_targets it is the plain projection."""
+    import torch
 
     global _FN
-    if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
-        if _FN is None:
-            _FN = _chunked_ce_function()
+    if _FN is None:
+        _FN = _chunked_ce_function()
+    if lm_head.__dict__.get("_ollama_ft_chunked"):
+        return
+
+    def forward(x, ce_targets=None):
+        if ce_targets is None:
+            return torch.nn.Linear.forward(lm_head, x)
         weight = lm_head.weight
         chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
         grad_on = torch.is_grad_enabled()
         with torch.profiler.record_function("linear_cross_entropy"):  # named in profiles
-            return _FN.apply(h, weight, targets, chunk, grad_on and h.requires_grad,
+            return _FN.apply(x, weight, ce_targets, chunk, grad_on and x.requires_grad,
                              grad_on and weight.requires_grad)
+
+    lm_head.forward = forward
+    lm_head._ollama_ft_chunked = True
+
+
+def linear_cross_entropy_sum(h, lm_head, targets):
+    """Sum of token cross-entropies of lm_head(h) against targets."""
+    import torch.nn.functional as F
+
+    if _is_plain_linear(lm_head):
+        _install_chunked_head(lm_head)
+        return lm_head(h, ce_targets=targets)
     # a wrapped or quantized head: plain logits, still only at label positions
     return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
 

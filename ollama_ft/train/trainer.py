@@ -160,10 +160,13 @@ def _resume_checkpoint(cfg) -> str | None:
 def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResult:
     """Train the LoRA adapter of `cfg` into cfg.run_dir. Returns a TrainResult."""
     from ollama_ft.hub import resolve_base
+    from ollama_ft.train.distributed import check_sharding
 
     t_start = time.perf_counter()
     run_dir = cfg.run_dir
     main = is_main_process()
+    device, precision = pick_device_and_precision(cfg)
+    check_sharding(device)  # FSDP / ZeRO-3 asked of a CPU run: refused before anything loads
     resume_from = _resume_checkpoint(cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +186,6 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
     for line in report.summary_lines():
         log("  " + line)
 
-    device, precision = pick_device_and_precision(cfg)
     log(f"device: {device}, precision: {precision}")
     model = load_model(base, cfg, device, precision)
     from peft import get_peft_model
@@ -218,9 +220,13 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
     state = trainer.state
     eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
     adapter_dir = None
+    if not interrupt.interrupted:
+        from ollama_ft.train.distributed import adapter_state_dict
+
+        weights = adapter_state_dict(trainer.model, trainer.accelerator)  # all ranks: gathers shards
+        if main:
+            adapter_dir = _save_adapter(trainer.model, run_dir, weights)
     if main:
-        if not interrupt.interrupted:
-            adapter_dir = _save_adapter(trainer.model, run_dir)
         from ollama_ft.train.metrics import plot_loss
 
         plot_loss(run_dir / RUN_FILES["metrics"], run_dir / RUN_FILES["loss_plot"], cfg.name)
@@ -348,13 +354,18 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
     return trainer, interrupt, metrics_cb
 
 
-def _save_adapter(model, run_dir: Path) -> Path:
-    """Save the PEFT adapter under a temporary name, then swap it into place."""
+def _save_adapter(model, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """Save the PEFT adapter under a temporary name, then swap it into place. `state_dict`:
+    the adapter's weights gathered whole when the model is sharded (adapter_state_dict)."""
     final = run_dir / RUN_FILES["adapter"]
     tmp = run_dir / f".{RUN_FILES['adapter']}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model = getattr(model, "module", model)  # FSDP1 wraps; FSDP2 and ZeRO-3 do not
+    if state_dict is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
