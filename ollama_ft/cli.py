@@ -288,6 +288,41 @@ def doctor(host):
         sys.exit(1)
 
 
+# --- openwebui -------------------------------------------------------------------------------
+@main.group()
+def openwebui():
+    """Open WebUI: the trainer as a model in its chat (a Pipe function)."""
+
+
+@openwebui.command("install")
+@click.option("--url", envvar="OPEN_WEBUI_URL", default="http://127.0.0.1:8080", show_default=True,
+              help="Open WebUI's address (or OPEN_WEBUI_URL).")
+@click.option("--token", envvar="OPEN_WEBUI_TOKEN", help="An admin's API key or session token "
+              "(or OPEN_WEBUI_TOKEN).")
+@click.option("--print", "print_only", is_flag=True, help="Only print the Pipe's source, to paste "
+              "into Admin > Functions > New Function.")
+@click.option("--bridge-url", help="Valve: the bridge as Open WebUI's server reaches it "
+              "(default http://127.0.0.1:11435).")
+@click.option("--bridge-api-key", help="Valve: the bridge's --api-key.")
+@click.option("--base", help="Valve: the base when a message names none (default deepseek-r1:1.5b).")
+@click.option("--epochs", type=float, help="Valve: epochs when a message says none (default 3).")
+@click.option("--quant", help="Valve: GGUF type(s) to export (default q4_k_m).")
+def openwebui_install(url, token, print_only, bridge_url, bridge_api_key, base, epochs, quant):
+    """Install the "ollama-ft trainer" Pipe into a running Open WebUI (or --print it)."""
+    from ollama_ft.openwebui.install import install_pipe, pipe_source
+
+    if print_only:
+        click.echo(pipe_source(), nl=False)
+        return
+    r = install_pipe(url, token, {"bridge_url": bridge_url, "bridge_api_key": bridge_api_key,
+                                  "default_base": base, "epochs": epochs, "quant": quant})
+    click.echo(f"{'installed' if r.created else 'updated'} the Pipe {r.function_id} in {r.url}: "
+               f"it is on, and shows in the model list as '{r.name}'")
+    shown = {k: ("***" if k == "bridge_api_key" and v else v) for k, v in r.valves.items()}
+    if shown:
+        click.echo("valves: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
 # --- demo ------------------------------------------------------------------------------------
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
