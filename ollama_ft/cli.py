@@ -62,6 +62,9 @@ def _train_options(f):
         click.option("--eval-split", type=float, help="Fraction of the data held out for eval."),
         click.option("--eval-data", type=click.Path(dir_okay=False)),
         click.option("--early-stopping-patience", type=int),
+        click.option("--report-to", help="Where training metrics also go: tensorboard (default, "
+                     "RUN/tensorboard), mlflow, wandb (comma-separated; pip install mlflow or "
+                     "wandb), or none."),
         click.option("--format", help="Data format: messages, sharegpt, alpaca, prompt-response, "
                      "input-output (default: detected)."),
         click.option("--chat-format", help="Force a chat format (deepseek-r1, deepseek-r1-0528, "
@@ -159,6 +162,29 @@ def export(run, quant, adapter_only, base_dir, threads):
                           threads=threads)
     for line in result.summary_lines():
         click.echo(line)
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--eval-data", type=click.Path(dir_okay=False),
+              help="Held-out examples (default: the run's eval data or eval split).")
+@click.option("--quant", help="Which exported GGUF to measure (default: the run's exported quant).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True,
+              help="Longest greedy answer.")
+@click.option("--limit", type=int, help="Only the first N held-out examples.")
+@click.option("--threads", type=int, help="CPU threads (default: all cores).")
+def eval_cmd(run, eval_data, quant, max_new_tokens, limit, threads):
+    """Compare base and fine-tune through llama.cpp on the exported GGUF: held-out loss,
+    perplexity, exact match and ROUGE-L of greedy answers (RUN/eval.md, eval.png)."""
+    from ollama_ft.evaluation import eval_stage
+
+    r = eval_stage(run, eval_data=eval_data, quant=quant, max_new_tokens=max_new_tokens,
+                   limit=limit, log=_echo, threads=threads)
+    for key in ("base", "fine_tuned"):
+        m = r[key]
+        click.echo(f"{key.replace('_', '-'):>10}: loss {m['loss']:.4f}  perplexity "
+                   f"{m['perplexity']:.2f}  exact match {m['exact_match']:.1%}  "
+                   f"ROUGE-L {m['rouge_l']:.3f}  ({m['count']} examples)")
 
 
 @main.command()

@@ -18,6 +18,13 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
               "polynomial", "inverse_sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+REPORT_TARGETS = ("none", "tensorboard", "mlflow", "wandb")
+
+
+def report_targets(value: str | None) -> list[str]:
+    """"tensorboard,mlflow" -> ["tensorboard", "mlflow"]; "" or None -> ["none"]."""
+    out = [v.strip().lower() for v in (value or "none").split(",") if v.strip()]
+    return out or ["none"]
 
 
 @dataclass
@@ -61,6 +68,7 @@ class RunConfig:
     save_total_limit: int = 3
     eval_steps: int | None = None
     early_stopping_patience: int | None = 3
+    report_to: str = "tensorboard"  # comma-separated: tensorboard, mlflow, wandb; or none
     resume: bool = False
     # later stages
     quant: str = "q4_k_m"
@@ -98,6 +106,10 @@ class RunConfig:
         _check(where, "scheduler", self.scheduler in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
         _check(where, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
         _check(where, "device", self.device in DEVICES, f"one of {', '.join(DEVICES)}")
+        reports = report_targets(self.report_to)
+        _check(where, "report_to", all(r in REPORT_TARGETS for r in reports) and (
+            "none" not in reports or len(reports) == 1),
+            f"'none' or a comma-separated list of {', '.join(REPORT_TARGETS[1:])}")
         if self.export:
             from ollama_ft.export.quantize import parse_quants
 

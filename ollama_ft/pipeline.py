@@ -45,6 +45,14 @@ def run_pipeline(cfg: RunConfig, log=print, callbacks=(), on_stage=None, host: s
     else:
         _, path = modelfile_stage(cfg.run_dir, log=log)
         artifacts["modelfile"] = str(path)
+    if cfg.eval_split or cfg.eval_data:  # base vs fine-tune on the held-out examples
+        from ollama_ft.evaluation import eval_stage
+
+        if on_stage:
+            on_stage("eval")
+        artifacts["eval"] = eval_stage(cfg.run_dir, log=log)
+        artifacts.update(eval_report=str(cfg.run_dir / "eval.md"),
+                         eval_plot=str(cfg.run_dir / "eval.png"))
     return result
 
 

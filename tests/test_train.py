@@ -37,7 +37,20 @@ def test_learns_the_data_and_answers_it(tiny_base, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.6 * losses[0], losses
-    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows if "loss" in r)
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["rss_mb"] > 0
+               for r in rows if "loss" in r)
+    assert rows[-1]["checkpoint"]["step"] == 30  # the last one saved before that log line
+    # TensorBoard (the default --report-to): the transformers integration's event file,
+    # with the loss and our tokens/s in it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "t" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "train/tokens_per_s" in tags and "train/rss_mb" in tags
+    assert [e.value for e in acc.Scalars("train/loss")][0] == pytest.approx(losses[0], rel=1e-4)
     tok, model = load_peft(base, result.adapter_dir)
     for q, a in FACTS:
         got = greedy_answer(model, tok, FORMATS["deepseek-r1"], [Message("user", q)], 24)
@@ -120,6 +133,15 @@ def test_resume_without_checkpoint_and_qlora_on_cpu(tiny_base, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(FACTS))
     with pytest.raises(TrainingError, match="no checkpoint in"):
         train_stage(run_cfg(tmp_path, base, data, resume=True, max_steps=2), log=lambda *a: None)
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:  # an optional extra, absent in the test set-up
+        with pytest.raises(ConfigError, match=r"--report-to mlflow: the mlflow package is not installed"):
+            train_stage(run_cfg(tmp_path, base, data, "m", report_to="mlflow", max_steps=2),
+                        log=lambda *a: None)
+        assert not (tmp_path / "m").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="report_to"):
+        run_cfg(tmp_path, base, data, "m", report_to="tensorboard,comet")
     with pytest.raises(ConfigError, match="needs a CUDA GPU and bitsandbytes"):
         train_stage(run_cfg(tmp_path, base, data, "q", load_in_4bit=True, max_steps=2),
                     log=lambda *a: None)

@@ -13,11 +13,12 @@ Nothing heavy is imported here: `from ollama_ft.export import export_stage` is c
 from __future__ import annotations
 
 
-def export_stage(run_dir, quants=None, adapter_only=False, log=print, base=None, threads=None):
+def export_stage(run_dir, quants=None, adapter_only=False, log=print, base=None, threads=None,
+                 record=True):
     from ollama_ft.export.stage import export_stage as _export
 
     return _export(run_dir, quants=quants, adapter_only=adapter_only, log=log, base=base,
-                   threads=threads)
+                   threads=threads, record=record)
 
 
 def merge_stage(run_dir, out_dir=None, log=print, base=None):

@@ -184,8 +184,11 @@ def _peak_rss_mb() -> float | None:
 
 
 def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, log=print,
-                 base: str | Path | None = None, threads: int | None = None) -> ExportResult:
-    """Write the run's GGUF files (see the module docstring). Returns an ExportResult."""
+                 base: str | Path | None = None, threads: int | None = None,
+                 record: bool = True) -> ExportResult:
+    """Write the run's GGUF files (see the module docstring). Returns an ExportResult.
+    record=False leaves report.json's export section as it was (eval writes a base GGUF
+    for itself without changing what the run's export says it made)."""
     from ollama_ft.chat_formats import FORMATS
     from ollama_ft.export.gguf import arch_spec, write_gguf
     from ollama_ft.export.merge import Checkpoint, MergedModel, load_adapter
@@ -315,6 +318,8 @@ def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, l
     result = ExportResult(run_dir, ordered, {k: sizes[k] for k in ordered}, adapter_only,
                           round(time.perf_counter() - t0, 2), tok.pre.name, tok.add_bos,
                           tok.chat_template_source, reused)
+    if not record:
+        return result
     update_report(run_dir, "export", {
         "base_path": str(info.base_path), "base_fingerprint": fingerprint,
         "adapter": str(run_dir / RUN_FILES["adapter"]), "adapter_only": adapter_only,

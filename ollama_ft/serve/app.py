@@ -44,6 +44,9 @@ class Bridge:
         self.max_body, self.max_blob = max_body, max_blob
         self.loopback = self_url is None or is_loopback(urlsplit(self_url).hostname or "")
         self.proxy = None
+        from ollama_ft.serve.metrics import BridgeMetrics
+
+        self.metrics = BridgeMetrics(self)
 
     def close(self):
         self.jobs.close()
@@ -56,7 +59,11 @@ class Bridge:
         from ollama_ft.serve.openai_api import OpenAIAPI
         from ollama_ft.serve.origins import OriginGuard
 
-        routes = JobsAPI(self).routes()
+        from starlette.routing import Route
+
+        from ollama_ft.serve.metrics import RequestMetrics
+
+        routes = [Route("/metrics", self.metrics.endpoint, methods=["GET"])] + JobsAPI(self).routes()
         if self.upstream:
             from ollama_ft.serve.proxy import Proxy
 
@@ -81,6 +88,7 @@ class Bridge:
         })
         if self.api_key:
             app.add_middleware(ApiKey, key=self.api_key)
-        app.add_middleware(OriginGuard, check_host=self.loopback)  # outermost: before the key
+        app.add_middleware(OriginGuard, check_host=self.loopback)  # before the key
+        app.add_middleware(RequestMetrics, metrics=self.metrics)  # outermost: counts refusals too
         app.state.bridge = self
         return app

@@ -70,9 +70,10 @@ def with_system(model: Model, messages: list[dict]) -> list[dict]:
 
 
 async def start(engine: Engine, req: GenRequest, chat_messages, tools=None, raw=None, template=None,
-                context=None, load_only=False) -> Iterator[dict]:
+                context=None, load_only=False, on_done=None) -> Iterator[dict]:
     """Wait for the model, then return a generator that yields content/thinking events and a
-    done event, holding the model until it ends (or is dropped)."""
+    done event, holding the model until it ends (or is dropped). on_done(model name, done
+    event) is told of every finished generation (the metrics)."""
     model, options, keep_alive = req.model, req.options, req.keep_alive
     template = template or model.prompt_template
     think = req.think
@@ -122,6 +123,8 @@ async def start(engine: Engine, req: GenRequest, chat_messages, tools=None, raw=
                         if th or co:
                             yield {"thinking": th, "content": co}
                     ev["total_duration"] = int((time.perf_counter() - t0) * 1e9)
+                    if on_done is not None:
+                        on_done(model.name, ev)
                     yield ev
     return gen()
 

@@ -4,6 +4,7 @@ get, cancel, resume, and the NDJSON event stream)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, StreamingResponse
@@ -14,6 +15,10 @@ from ollama_ft.serve.http import error, json_body
 from ollama_ft.serve.jobs import FINAL, JobNotFound
 
 FOLLOW_INTERVAL = 0.3  # seconds between looks at a running job's events
+# the files of a job's run a client may read (pictures and reports, never weights)
+JOB_FILES = {"loss.png": "image/png", "eval.png": "image/png", "eval.md": "text/markdown",
+             "eval.jsonl": "application/x-ndjson", "report.json": "application/json",
+             "metrics.jsonl": "application/x-ndjson", "data-report.json": "application/json"}
 
 
 class JobsAPI:
@@ -30,6 +35,7 @@ class JobsAPI:
             Route("/api/ft/jobs/{job_id}", self.cancel, methods=["DELETE"]),
             Route("/api/ft/jobs/{job_id}/resume", self.resume, methods=["POST"]),
             Route("/api/ft/jobs/{job_id}/events", self.events, methods=["GET"]),
+            Route("/api/ft/jobs/{job_id}/files/{name}", self.file, methods=["GET"]),
         ]
 
     async def create(self, request):
@@ -77,6 +83,22 @@ class JobsAPI:
 
     async def resume(self, request):
         return self._call(self.jobs.resume, request.path_params["job_id"])
+
+    async def file(self, request):
+        """One of JOB_FILES from the job's run directory (404 until the job has written it)."""
+        from starlette.responses import FileResponse
+
+        job_id, name = request.path_params["job_id"], request.path_params["name"]
+        try:
+            job = self.jobs.get(job_id)
+        except JobNotFound as e:
+            return error(404, str(e))
+        if name not in JOB_FILES:
+            return error(404, f"no file '{name}' for jobs; one of {', '.join(JOB_FILES)}")
+        path = Path(job["run_dir"]) / name
+        if not path.is_file():
+            return error(404, f"job {job_id} has no {name} yet")
+        return FileResponse(path, media_type=JOB_FILES[name])
 
     async def events(self, request):
         """NDJSON: every event so far, then new ones as they come, until the job ends.

@@ -16,13 +16,28 @@ from transformers import TrainerCallback
 
 
 class ProgressEvents(TrainerCallback):
-    def __init__(self, emit):
+    def __init__(self, emit, run_dir: Path | None = None):
         self.emit = emit
+        self.run_dir = run_dir
         self.t0 = None
+        self.checkpoint = None
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            self.checkpoint = {"step": state.global_step, "time": round(time.time(), 3)}
+            self.emit({"type": "checkpoint", **self.checkpoint})
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.perf_counter()
         self.start_step = state.global_step
+        if state.is_world_process_zero and self.run_dir is not None:
+            from ollama_ft.rundir import RUN_FILES, read_json
+
+            data = read_json(self.run_dir / RUN_FILES["data_report"])  # the check, done by now
+            if data:
+                self.emit({"type": "data", "report": data.get("train"),
+                           "train_examples": data.get("train_examples"),
+                           "eval_examples": data.get("eval_examples")})
         self.emit({"type": "stage", "stage": "train", "max_steps": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -40,6 +55,11 @@ class ProgressEvents(TrainerCallback):
                 ev[k] = logs[k]
         if elapsed > 0:
             ev["tokens_per_s"] = round((state.num_input_tokens_seen or 0) / elapsed, 1)
+        from ollama_ft.train.callbacks import memory_mb
+
+        ev.update(memory_mb())
+        if self.checkpoint:
+            ev["checkpoint"] = self.checkpoint
         self.emit(ev)
 
 
@@ -65,12 +85,14 @@ def main(job_dir: str) -> int:
     cfg = RunConfig(**job["config"])
     artifacts: dict = {}
     try:
-        result = run_pipeline(cfg, log=log, callbacks=[ProgressEvents(emit)],
+        result = run_pipeline(cfg, log=log, callbacks=[ProgressEvents(emit, cfg.run_dir)],
                               on_stage=lambda stage: emit({"type": "stage", "stage": stage}),
                               host=os.environ.get("OLLAMA_FT_REGISTER_HOST"), artifacts=artifacts)
         if result.interrupted:
             write_json(d / "result.json", {"ok": False, "error": "stopped", "artifacts": artifacts})
             return 1
+        if artifacts.get("eval"):
+            emit({"type": "eval", "eval": {k: artifacts["eval"][k] for k in ("base", "fine_tuned")}})
         write_json(d / "result.json", {"ok": True, "artifacts": artifacts})
         return 0
     except OllamaFtError as e:

@@ -182,7 +182,8 @@ class OllamaAPI:
         if body.get("_debug_render_only"):
             return g.rendered(body, "chat", req.model.prompt_template.render(msgs, tools=tools,
                                                                              think=req.think))
-        events = await g.start(self.engine, req, msgs, tools=tools, load_only=not messages)
+        events = await g.start(self.engine, req, msgs, tools=tools, load_only=not messages,
+                               on_done=self.b.metrics.generation_done)
 
         def chunk(ev):
             if "done" in ev:
@@ -230,7 +231,8 @@ class OllamaAPI:
             return g.rendered(body, "generate", raw_text if raw_text is not None
                               else template.render(msgs, think=req.think))
         events = await g.start(self.engine, req, msgs, raw=raw_text, template=template,
-                               context=body.get("context"), load_only=not prompt)
+                               context=body.get("context"), load_only=not prompt,
+                               on_done=self.b.metrics.generation_done)
 
         def chunk(ev):
             if "done" in ev:

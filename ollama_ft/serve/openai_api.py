@@ -70,7 +70,8 @@ class OpenAIAPI:
         try:
             req = g.prepare(self.b.registry, cb)
             req.think = None  # the OpenAI API does not turn thinking on
-            events = await g.start(self.b.engine, req, g.with_system(req.model, cb["messages"]))
+            events = await g.start(self.b.engine, req, g.with_system(req.model, cb["messages"]),
+                                   on_done=self.b.metrics.generation_done)
         except HTTPError as e:
             return openai_error(e.status, e.message)
         cid = "chatcmpl-" + secrets.token_hex(4)

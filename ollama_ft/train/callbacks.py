@@ -1,4 +1,5 @@
-"""Trainer callbacks: progress bar with loss, tokens/s and ETA; metrics.jsonl; Ctrl-C."""
+"""Trainer callbacks: progress bar with loss, tokens/s, ETA, memory and the last checkpoint;
+metrics.jsonl; TensorBoard / MLflow / W&B (--report-to); Ctrl-C."""
 
 from __future__ import annotations
 
@@ -11,6 +12,55 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ollama_ft.train.metrics import append_metrics, plot_loss
+
+
+def memory_mb() -> dict:
+    """Memory now: the process's RSS, and the GPU memory torch holds where there is a GPU."""
+    import psutil
+
+    out = {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["gpu_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+    except Exception:  # pragma: no cover - memory figures are best effort
+        pass
+    return out
+
+
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_report_to(report_to: str) -> list[str]:
+    """The --report-to targets, each one's package importable (else a clear error now)."""
+    import importlib.util
+
+    from ollama_ft.config import report_targets
+    from ollama_ft.errors import ConfigError
+
+    targets = [t for t in report_targets(report_to) if t != "none"]
+    for t in targets:
+        if importlib.util.find_spec(REPORT_PACKAGES[t]) is None:
+            raise ConfigError(f"--report-to {t}: the {REPORT_PACKAGES[t]} package is not "
+                              f"installed; pip install 'ollama-ft[{t}]' (or {REPORT_PACKAGES[t]}), "
+                              "or use --report-to tensorboard|none")
+    return targets
+
+
+def report_callbacks(report_to: str, log_dir: Path) -> tuple[list[str], list]:
+    """(report_to for TrainingArguments, callbacks to add): TensorBoard goes through
+    transformers' own TensorBoardCallback, writing to RUN/tensorboard; mlflow and wandb
+    through transformers' integrations as configured by their own environment variables."""
+    targets = check_report_to(report_to)
+    callbacks = []
+    if "tensorboard" in targets:
+        from transformers.integrations import TensorBoardCallback
+
+        tb = TensorBoardCallback()
+        tb.logging_dir = str(log_dir)
+        callbacks.append(tb)
+    return [t for t in targets if t != "tensorboard"] or ["none"], callbacks
 
 
 def peak_memory_mb() -> dict:
@@ -34,6 +84,10 @@ class MetricsCallback(TrainerCallback):
         self.t0 = self.last_t = None
         self.last_tokens = 0
         self.last_row: dict = {}
+        self.checkpoint: dict | None = None  # the last one saved: step, time
+
+    def on_save(self, args, state, control, **kw):
+        self.checkpoint = {"step": state.global_step, "time": round(time.time(), 3)}
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.last_t = time.perf_counter()
@@ -54,9 +108,15 @@ class MetricsCallback(TrainerCallback):
             self.last_t, self.last_tokens = now, tokens
         row["tokens_seen"] = tokens
         row["elapsed_s"] = round(now - self.t0, 2)
+        row.update(memory_mb())
         row.update(peak_memory_mb())
+        if self.checkpoint:
+            row["checkpoint"] = self.checkpoint
         if not any(k in row for k in ("loss", "eval_loss")):
             return  # the end-of-training summary log: report.json has it
+        for k in ("tokens_per_s", "rss_mb", "gpu_mb"):  # the callbacks after us (TensorBoard) see them
+            if k in row:
+                logs[k] = row[k]
         append_metrics(self.metrics_path, row)
         self.last_row = {**self.last_row, **row}
         if "eval_loss" in row:
@@ -94,6 +154,11 @@ class ProgressCallback(TrainerCallback):
             post["eval"] = f"{row['eval_loss']:.4f}"
         if "tokens_per_s" in row:
             post["tok/s"] = f"{row['tokens_per_s']:.0f}"
+        if "rss_mb" in row:
+            post["mem"] = f"{row['rss_mb'] / 1024:.1f}G" + (
+                f"/gpu {row['gpu_mb'] / 1024:.1f}G" if "gpu_mb" in row else "")
+        if self.metrics.checkpoint:
+            post["ckpt"] = self.metrics.checkpoint["step"]
         self.bar.set_postfix(post, refresh=True)
 
     def on_train_end(self, args, state, control, **kw):

@@ -8,7 +8,6 @@ adapter/ and the `train` section of report.json.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -91,13 +90,12 @@ def prepare_data(cfg: RunConfig, base, tokenizer, log=print):
         _, eval_enc, eval_report = check_data(cfg.eval_data, tokenizer, base.chat_format,
                                               cfg.max_len, cfg.format)
     elif cfg.eval_split:
-        order = list(range(len(encoded)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, round(len(encoded) * cfg.eval_split))
-        if n_eval >= len(encoded):
+        from ollama_ft.data.split import eval_indices
+
+        eval_idx = eval_indices(len(encoded), cfg.eval_split, cfg.seed)
+        if len(eval_idx) >= len(encoded):
             raise ConfigError(f"eval_split {cfg.eval_split} leaves no training examples "
                               f"({len(encoded)} in all)")
-        eval_idx = set(order[:n_eval])
         eval_enc = [e for i, e in enumerate(encoded) if i in eval_idx]
         encoded = [e for i, e in enumerate(encoded) if i not in eval_idx]
     full = {"train": report.to_json(), "train_examples": len(encoded),
@@ -167,6 +165,9 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
     main = is_main_process()
     device, precision = pick_device_and_precision(cfg)
     check_sharding(device)  # FSDP / ZeRO-3 asked of a CPU run: refused before anything loads
+    from ollama_ft.train.callbacks import check_report_to
+
+    check_report_to(cfg.report_to)  # a missing mlflow/wandb: said now, not after loading
     resume_from = _resume_checkpoint(cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +209,8 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
 
     trainer, interrupt, metrics_cb = _make_trainer(cfg, model, tokenizer, train_enc, eval_enc,
                                                    device, precision, callbacks)
+    if "tensorboard" in check_report_to(cfg.report_to):
+        log(f"watch it live: tensorboard --logdir {run_dir / 'tensorboard'}")
     try:
         out = trainer.train(resume_from_checkpoint=resume_from)
     except RuntimeError as e:
@@ -291,8 +294,10 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
 
     from ollama_ft.train.packing import PackedCollator, pack
 
-    from ollama_ft.train.callbacks import InterruptCallback, MetricsCallback, ProgressCallback
+    from ollama_ft.train.callbacks import (InterruptCallback, MetricsCallback, ProgressCallback,
+                                           report_callbacks)
 
+    report_to, report_cbs = report_callbacks(cfg.report_to, cfg.run_dir / "tensorboard")
     has_eval = bool(eval_enc)
     eval_steps = cfg.eval_steps or cfg.save_steps
     args = TrainingArguments(
@@ -325,7 +330,7 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         include_num_input_tokens_seen="no" if cfg.packing else "non_padding",
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",
@@ -335,7 +340,7 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
     metrics_cb = MetricsCallback(cfg.run_dir / RUN_FILES["metrics"],
                                  cfg.run_dir / RUN_FILES["loss_plot"], cfg.name or "")
     interrupt = InterruptCallback()
-    cbs = [metrics_cb, ProgressCallback(metrics_cb), interrupt, *callbacks]
+    cbs = [metrics_cb, ProgressCallback(metrics_cb), interrupt, *report_cbs, *callbacks]
     if has_eval and cfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,160 @@
+"""`ollama-ft eval RUN`: held-out loss and perplexity of the base and of the fine-tune,
+computed by llama.cpp on the exported GGUF files (base-<q>.gguf, model-<q>.gguf: the
+models as Ollama runs them), and their greedy answers to the same prompts, scored by exact
+match and ROUGE-L. Written to report.json ("eval"), eval.md, eval.jsonl and eval.png.
+
+The held-out examples are `--eval-data`, else the run's eval_data, else its eval_split of
+the training data (the same examples training held out: data/split.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ollama_ft.errors import ConfigError, OllamaFtError
+from ollama_ft.rundir import RUN_FILES, read_json, update_report
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / RUN_FILES["config"]
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def held_out(run_dir: Path, cfg: dict, eval_data, tokenizer, fmt, limit: int | None):
+    """(examples, encoded, where they come from) of the held-out set."""
+    from ollama_ft.data.check import check_data
+    from ollama_ft.data.split import eval_indices
+
+    max_len = int(cfg.get("max_len") or 2048)
+    shape = cfg.get("format")
+    source_file = eval_data or cfg.get("eval_data")
+    if source_file:
+        examples, encoded, _ = check_data(source_file, tokenizer, fmt, max_len, shape)
+        source = f"{Path(source_file).name}"
+    elif cfg.get("eval_split"):
+        if not cfg.get("data"):
+            raise ConfigError(f"{run_dir / RUN_FILES['config']}: no data file to take the "
+                              "eval split from; pass --eval-data FILE")
+        examples, encoded, _ = check_data(cfg["data"], tokenizer, fmt, max_len, shape)
+        keep = eval_indices(len(encoded), float(cfg["eval_split"]), int(cfg.get("seed") or 0))
+        examples = [e for i, e in enumerate(examples) if i in keep]
+        encoded = [e for i, e in enumerate(encoded) if i in keep]
+        source = f"eval_split {cfg['eval_split']} of {Path(cfg['data']).name}"
+    else:
+        raise ConfigError(f"{run_dir}: nothing to evaluate on: the run has no eval split and "
+                          "no eval data. Pass --eval-data FILE (held-out examples in the "
+                          "training data's format), or train with --eval-split 0.1")
+    if limit:
+        examples, encoded = examples[:limit], encoded[:limit]
+    return examples, encoded, source
+
+
+def _pick_quant(run_dir: Path, quant: str | None) -> str:
+    if quant:
+        from ollama_ft.export.quantize import parse_quants
+
+        quant = parse_quants(quant)[0].name
+        if not (run_dir / f"model-{quant}.gguf").is_file():
+            raise OllamaFtError(f"{run_dir / f'model-{quant}.gguf'}: not exported; run "
+                                f"`ollama-ft export {run_dir} --quant {quant}` first")
+        return quant
+    files = ((read_json(run_dir / RUN_FILES["report"], {}) or {}).get("export") or {}).get("files") or {}
+    for q, name in files.items():
+        if name.startswith("model-") and (run_dir / name).is_file():
+            return q
+    found = sorted(run_dir.glob("model-*.gguf"))
+    if not found:
+        raise OllamaFtError(f"{run_dir}: no exported model-<quant>.gguf to evaluate; run "
+                            f"`ollama-ft export {run_dir}` first (eval measures the GGUF files)")
+    return found[0].name[len("model-"):-len(".gguf")]
+
+
+def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None,
+               log=print, progress: bool = True, threads: int | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from ollama_ft.chat_formats import FORMATS
+    from ollama_ft.data.tokenize import encode_prompt
+    from ollama_ft.evaluation.gguf_model import GGUFModel
+    from ollama_ft.evaluation.metrics import answer_of, exact_match, rouge_l
+    from ollama_ft.evaluation.report import plot, write_markdown
+    from ollama_ft.export.stage import read_run
+
+    t0 = time.perf_counter()
+    info = read_run(Path(run_dir))
+    run_dir = info.run_dir
+    cfg = _run_config(run_dir)
+    fmt = FORMATS[info.chat_format]
+    tokenizer = AutoTokenizer.from_pretrained(info.base_path)
+    examples, encoded, source = held_out(run_dir, cfg, eval_data, tokenizer, fmt, limit)
+    q = _pick_quant(run_dir, quant)
+    fine_path, base_path = run_dir / f"model-{q}.gguf", run_dir / f"base-{q}.gguf"
+    if not base_path.is_file():
+        from ollama_ft.export import export_stage
+
+        log(f"writing {base_path.name} (the base, for comparison) ...")
+        export_stage(run_dir, quants=[q], adapter_only=True, log=log, record=False)
+    log(f"eval: {len(examples)} held-out examples ({source}), {q}, through llama.cpp")
+
+    prompts, refs = [], []
+    for ex in examples:
+        last = max(i for i, m in enumerate(ex.messages) if m.role == "assistant")
+        msgs = ex.messages[:last] + [m for m in ex.messages[last:] if m.role == "system"]
+        prompts.append(encode_prompt(tokenizer, fmt, msgs))
+        refs.append((msgs[-1].content if msgs and msgs[-1].role == "user" else "",
+                     ex.messages[last].content))
+    n_ctx = max(max(len(e.input_ids) for e in encoded), max(len(p) for p in prompts) + max_new_tokens) + 8
+    results, answers = {}, {}
+    for key, path in (("base", base_path), ("fine_tuned", fine_path)):
+        model = GGUFModel(path, n_ctx, threads)
+        nll = count = 0.0
+        em = rl = 0.0
+        outs = []
+        bar = _bar(len(examples), f"eval {key.replace('_', '-')}", progress)
+        try:
+            for enc, prompt, (_, expected) in zip(encoded, prompts, refs):
+                s, c = model.token_nll(enc.input_ids, enc.labels)
+                nll, count = nll + s, count + c
+                got = answer_of(model.greedy(prompt, fmt.stops, max_new_tokens), fmt.thinking)
+                outs.append(got)
+                em += exact_match(got, expected)
+                rl += rouge_l(got, expected)
+                bar.update(1)
+        finally:
+            bar.close()
+            model.close()
+        loss = nll / max(count, 1)
+        n = len(examples)
+        results[key] = {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700)), 4),
+                        "exact_match": round(em / n, 4), "rouge_l": round(rl / n, 4),
+                        "count": n, "tokens": int(count)}
+        answers[key] = outs
+        log(f"  {key.replace('_', '-'):>10}: loss {loss:.4f}  perplexity {results[key]['perplexity']:.2f}"
+            f"  exact match {em / n:.1%}  ROUGE-L {rl / n:.3f}")
+    rows = [{"question": question, "expected": expected, "base": b, "fine_tuned": f}
+            for (question, expected), b, f in zip(refs, answers["base"], answers["fine_tuned"])]
+    result = {**results, "run": info.name, "quant": q, "source": source, "count": len(examples),
+              "files": {"base": base_path.name, "fine_tuned": fine_path.name},
+              "max_new_tokens": max_new_tokens, "runtime_s": round(time.perf_counter() - t0, 2)}
+    with open(run_dir / "eval.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_markdown(run_dir / "eval.md", result, rows)
+    plot(run_dir / "eval.png", result)
+    update_report(run_dir, "eval", result)
+    log(f"eval: {run_dir / 'eval.md'}  picture: {run_dir / 'eval.png'}")
+    return result
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="example", disable=not enabled or total < 2,
+                leave=False)
