@@ -55,8 +55,14 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
                      kv_heads: int = 2, intermediate: int | None = None, std: float = 0.05,
                      seed: int = 0, rope_scaling: dict | None = None, max_positions: int = 4096,
                      chat_template: str | None = None, tokenizer_overrides: dict | None = None,
-                     dtype: str = "bfloat16", shard_size: str | None = None) -> Path:
-    """Save a random-weight checkpoint (safetensors) with the real tokenizer; return its dir."""
+                     dtype: str = "bfloat16", shard_size: str | None = None,
+                     final_norm: float = 1.0, head_std: float | None = None) -> Path:
+    """Save a random-weight checkpoint (safetensors) with the real tokenizer; return its dir.
+
+    Every matrix is N(0, std) and every norm weight 1, except as `final_norm` (the value of
+    the final RMSNorm's weight, which scales every logit) and `head_std` (lm_head's std)
+    say.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +87,10 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.normal_(0.0, std)
+                p.normal_(0.0, head_std if head_std is not None and name == "lm_head.weight"
+                          else std)
+            elif name == "model.norm.weight":
+                p.fill_(final_norm)
             elif "norm" in name:
                 p.fill_(1.0)
             else:  # biases (qwen2 q/k/v)
