@@ -261,7 +261,7 @@ def test_pipe_trains_on_an_attached_file_and_names_the_new_model(job_bridge, tmp
     files = FileServer({"f1": data}, token="user-token")
     try:
         body, meta = turn("fine-tune on this as pipe-ft, max_steps=4 logging_steps=1 save_steps=2 "
-                          "max_len=64 batch_size=2 lr=1e-3",
+                          "max_len=64 batch_size=2 lr=1e-3 eval_split=0.25",
                           files=[attachment("f1", "facts.jsonl")])
         text, rec = asyncio.run(collect(make_pipe(server, base), body, meta,
                                         ChatRequest(files.url, "user-token")))
@@ -275,16 +275,22 @@ def test_pipe_trains_on_an_attached_file_and_names_the_new_model(job_bridge, tmp
     assert statuses[:2] == ["reading facts.jsonl", "uploading facts.jsonl (0 MB) to the bridge"]
     steps = [s for s in statuses if s.startswith("step ")]
     assert steps[0].startswith("step 1/4 · loss ") and steps[-1].startswith("step 4/4 · loss ")
+    assert "eval loss" in steps[-1]  # the held-out loss joins the line, the training loss stays
     assert all(" tok/s · ETA " in s for s in steps)
     assert "- training (4 steps)\n" in text and "- exporting GGUF\n" in text
     assert "- registering the model\n" in text
     if any(e["type"] == "data" for e in events):  # bridges that report the data check
         assert "**Data check** of `facts.jsonl`: 4 records read, 4 kept, 0 rejected" in text
+        assert "3 examples train, 1 are held out for the eval." in text
     if any(e["type"] == "checkpoint" or e.get("checkpoint") for e in events):
         assert "- checkpoint saved at step 2\n" in text
     assert "**Done** in " in text and "trained 4 steps · final loss " in text
     assert "![loss curve](data:image/png;base64," in text
     assert "The new model is **`pipe-ft:latest`**" in text
+    if any(e["type"] == "eval" for e in events):  # bridges that evaluate a held-out split
+        assert "- evaluating\n" in text and "**Eval** on 1 held-out examples:" in text
+        assert "| base | " in text and "| fine-tuned | " in text
+        assert "![base against fine-tune](data:image/png;base64," in text
     assert rec.events[-1]["data"] == {"description": "done: pipe-ft:latest", "done": True, "hidden": False}
     tags = json.loads(__import__("urllib.request").request.urlopen(f"{server.url}/api/tags").read())
     assert "pipe-ft:latest" in {m["name"] for m in tags["models"]}

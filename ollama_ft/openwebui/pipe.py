@@ -340,12 +340,15 @@ def as_user_file(text: str, filename: str) -> str:
     return _UPLOAD_PATH.sub(filename, text or "")
 
 
-def data_check_md(report: dict, filename: str) -> str:
+def data_check_md(report: dict, filename: str, train: int | None = None,
+                  held_out: int | None = None) -> str:
     lines = [f"**Data check** of `{filename}`: {report.get('records_read', '?')} records read, "
              f"{report.get('kept', '?')} kept, {len(report.get('rejected') or [])} rejected"
              + (f", {report['duplicates_dropped']} duplicates dropped"
                 if report.get("duplicates_dropped") else "")
              + (f" (format {report['format']})" if report.get("format") else "") + "."]
+    if held_out:
+        lines[0] += f" {train} examples train, {held_out} are held out for the eval."
     t = report.get("token_lengths") or {}
     if t:
         lines.append(f"Tokens per example: p50 {t.get('p50')} · p90 {t.get('p90')} · p99 "
@@ -540,7 +543,8 @@ class Pipe:
         async for ev in bridge.events(job_id):
             kind = ev.get("type")
             if kind == "data" and isinstance(ev.get("report"), dict):
-                yield data_check_md(ev["report"], filename)
+                yield data_check_md(ev["report"], filename, ev.get("train_examples"),
+                                    ev.get("eval_examples"))
             elif kind == "stage" and ev.get("stage") != stage:
                 stage = ev.get("stage")
                 label = STAGES.get(stage, str(stage))
@@ -549,10 +553,10 @@ class Pipe:
                 await status(label)
                 yield f"- {label}\n"
             elif kind == "progress":
-                last = ev
+                last = {**last, **ev}  # an evaluation's line has eval_loss alone: keep the loss
                 if isinstance(ev.get("loss"), (int, float)):
                     points.append((int(ev.get("step") or 0), float(ev["loss"])))
-                await status(progress_line(ev))
+                await status(progress_line(last))
                 saved = (ev.get("checkpoint") or {}).get("step")
                 if saved and saved != checkpoint:
                     checkpoint = saved
@@ -572,7 +576,7 @@ class Pipe:
     async def _outcome(self, job: dict, filename: str, points, last: dict, evaluation,
                        bridge: Bridge, status) -> str:
         state, job_id = job.get("state"), job["id"]
-        progress = job.get("progress") or last or {}
+        progress = {**(job.get("progress") or {}), **last}
         took = ""
         if job.get("started_at") and job.get("finished_at"):
             took = f" in {fmt_duration(job['finished_at'] - job['started_at'])}"
@@ -588,6 +592,9 @@ class Pipe:
                            f"{points[-1][1]:.4f} at step {points[-1][0]}_\n")
             if evaluation:
                 out.append(eval_md(evaluation))
+                picture = await bridge.file(job_id, "eval.png")
+                if picture:
+                    out.append(image_md(picture, "image/png", "base against fine-tune"))
             else:
                 md = await bridge.file(job_id, "eval.md")
                 if md:
@@ -628,7 +635,7 @@ class Pipe:
         points, evaluation, last, filename = [], None, {}, "the data file"
         async for ev in bridge.events(job_id):  # a finished job's events, replayed
             if ev.get("type") == "progress":
-                last = ev
+                last = {**last, **ev}
                 if isinstance(ev.get("loss"), (int, float)):
                     points.append((int(ev.get("step") or 0), float(ev["loss"])))
             elif ev.get("type") == "eval" and isinstance(ev.get("eval"), dict):
