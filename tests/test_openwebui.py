@@ -126,6 +126,19 @@ def test_a_bad_bridge_url_or_a_dead_bridge_is_a_message_not_a_traceback():
     assert "`ollama-ft serve`" in out
 
 
+def test_a_bridge_url_that_is_not_the_bridge_says_so():
+    import httpx
+
+    b = owpipe.Bridge("http://127.0.0.1:8080")
+    with pytest.raises(owpipe.BridgeError, match="answered 200 with something that is not JSON; "
+                       "is the trainer's bridge_url valve the ollama-ft bridge"):
+        b._check(httpx.Response(200, text="<!doctype html>"), "listing jobs")
+    with pytest.raises(owpipe.BridgeError, match="refused the API key .* bridge_api_key valve"):
+        b._check(httpx.Response(401, json={"error": "unauthorized"}), "listing jobs")
+    with pytest.raises(owpipe.BridgeError, match="job x: the bridge answered 404: job 'x' not found"):
+        b._check(httpx.Response(404, json={"error": "job 'x' not found"}), "job x")
+
+
 # --- the pipe as Open WebUI loads it ----------------------------------------------------------
 def test_pipe_source_is_what_open_webui_can_load():
     src = PIPE_FILE.read_text(encoding="utf-8")

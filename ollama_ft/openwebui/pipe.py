@@ -144,7 +144,12 @@ class Bridge:
             except ValueError:
                 msg = r.text
             raise BridgeError(f"{what}: the bridge answered {r.status_code}: {msg}")
-        return r.json()
+        try:
+            return r.json()
+        except ValueError:
+            raise BridgeError(f"{what}: {self.url} answered {r.status_code} with something that "
+                              "is not JSON; is the trainer's bridge_url valve the ollama-ft "
+                              "bridge (`ollama-ft serve`)?") from None
 
     async def _call(self, method: str, path: str, what: str, **kw) -> Any:
         try:
@@ -490,6 +495,11 @@ class Pipe:
         except BridgeError as e:
             await status(f"error: {e}", done=True)
             yield f"\n\n**Error:** {e}\n"
+        except Exception as e:  # a bug here, not the person's doing: say so, in the chat
+            await status("error", done=True)
+            yield (f"\n\n**Error:** the trainer pipe failed ({type(e).__name__}: {e}). This is a "
+                   "bug in ollama-ft's Open WebUI pipe; the job, if one started, goes on: say "
+                   "**status** to see it.\n")
 
     # --- commands ---------------------------------------------------------------------------
     async def _train(self, ask: Ask, files: list, user: dict, request, bridge: Bridge, status):
