@@ -14,9 +14,10 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", "qwen2"),
     "LlamaForCausalLM": ("llama", "llama"),
     "Qwen3ForCausalLM": ("qwen3", "qwen3"),
+    "DeepseekV2ForCausalLM": ("deepseek2", "deepseek2"),
 }
 # Known but not yet trainable: say so instead of failing deep inside transformers.
-PLANNED_ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek2", "DeepseekV3ForCausalLM": "deepseek3"}
+PLANNED_ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek3"}
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,9 @@ CATALOG: tuple[BaseModel, ...] = (
     BaseModel("deepseek-llm:7b", "deepseek-ai/deepseek-llm-7b-chat", "llama", "deepseek-llm",
               "7B", 4096),
     BaseModel("deepseek-v2:16b", "deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek2", "deepseek-llm",
-              "15.7B", 32768, supported=False),
+              "15.7B", 32768),
     BaseModel("deepseek-coder-v2:16b", "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct", "deepseek2",
-              "deepseek-llm", "15.7B", 163840, supported=False),
+              "deepseek-llm", "15.7B", 163840),
 )
 
 _BY_ALIAS = {m.alias: m for m in CATALOG}

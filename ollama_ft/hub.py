@@ -68,7 +68,7 @@ def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bo
             raise BaseModelError(f"--base {spec!r}: not a folder, a known alias or a Hugging Face "
                                  "repo id (org/name); `ollama-ft models` lists the aliases")
         if entry is not None and not entry.supported:
-            raise _unsupported(entry.repo_id, f"{entry.architecture} (DeepSeek-V2 MLA+MoE)")
+            raise _unsupported(entry.repo_id, entry.architecture)
         path = download(repo_id, allow_pickle=allow_pickle, revision=revision,
                         cache_dir=cache_dir, token=token)
         source = "hub"

@@ -20,7 +20,17 @@ TOKENIZERS = {
     "deepseek-r1-0528-qwen3-8b": "qwen3",
     "deepseek-coder-33b-base": "llama",
     "deepseek-llm-7b-base": "llama",
+    "deepseek-v2": "deepseek2",
 }
+
+# DeepSeek-V2-Lite's shape, scaled down: MLA (no q compression, like Lite), a leading dense
+# layer, then MoE layers with routed and shared experts; YaRN as the real config has it
+DEEPSEEK2_SHAPE = dict(kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
+                       qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=4, n_shared_experts=2,
+                       num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False,
+                       routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1)
+DEEPSEEK2_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 
 def tokenizer_source(name: str) -> Path:
@@ -56,7 +66,8 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
                      seed: int = 0, rope_scaling: dict | None = None, max_positions: int = 4096,
                      chat_template: str | None = None, tokenizer_overrides: dict | None = None,
                      dtype: str = "bfloat16", shard_size: str | None = None,
-                     final_norm: float = 1.0, head_std: float | None = None) -> Path:
+                     final_norm: float = 1.0, head_std: float | None = None,
+                     router_std: float = 1.0) -> Path:
     """Save a random-weight checkpoint (safetensors) with the real tokenizer; return its dir.
 
     Every matrix is N(0, std) and every norm weight 1, except as `final_norm` (the value of
@@ -71,7 +82,8 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
     write_tokenizer(tokenizer, out_dir, chat_template, tokenizer_overrides)
     tok = AutoTokenizer.from_pretrained(out_dir)
     vocab = -(-len(tok) // 128) * 128
-    model_type = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}[arch]
+    model_type = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3",
+                  "deepseek2": "deepseek_v2"}[arch]
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 3,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=max_positions, tie_word_embeddings=False,
@@ -79,6 +91,11 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
                   rms_norm_eps=1e-6, rope_theta=10000.0)
     if arch == "qwen3":
         kwargs["head_dim"] = hidden // heads
+    if arch == "deepseek2":  # MLA: every head has its own K and V from the latent
+        kwargs.update(DEEPSEEK2_SHAPE, num_key_value_heads=heads,
+                      moe_intermediate_size=(intermediate or hidden * 3) // 2)
+        if rope_scaling is None:
+            rope_scaling = DEEPSEEK2_YARN
     if rope_scaling:
         kwargs["rope_scaling"] = rope_scaling
     config = AutoConfig.for_model(model_type, **kwargs)
@@ -86,7 +103,9 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() > 1:
+            if name.endswith("mlp.gate.weight"):  # MoE router: decisive, so that 16-bit
+                p.normal_(0.0, router_std)  # rounding does not flip which experts a token gets
+            elif p.dim() > 1:
                 p.normal_(0.0, head_std if head_std is not None and name == "lm_head.weight"
                           else std)
             elif name == "model.norm.weight":

@@ -27,8 +27,11 @@ FAMILIES = {
     "llm-chat": dict(tokenizer="deepseek-llm-7b-base", arch="llama",
                      chat_template=(DATA / "chat_templates/deepseek-llm-chat.jinja").read_text()),
     "coder-base": dict(tokenizer="deepseek-coder-33b-base", arch="llama"),
+    # V2-Lite's shape (tinymodel.DEEPSEEK2_SHAPE): 27 layers, as llama.cpp tells Lite (no q
+    # compression) from the full V2 by its layer count
+    "v2-lite": dict(tokenizer="deepseek-v2", arch="deepseek2", layers=27),
 }
-EXPECTED_FORMAT = {"r1-qwen": "deepseek-r1", "r1-llama": "deepseek-r1", "r1-qwen3": "deepseek-r1-0528",
+EXPECTED_FORMAT = {"v2-lite": "deepseek-llm", "r1-qwen": "deepseek-r1", "r1-llama": "deepseek-r1", "r1-qwen3": "deepseek-r1-0528",
                    "coder-instruct": "deepseek-coder", "llm-chat": "deepseek-llm",
                    "coder-base": "deepseek-coder"}
 

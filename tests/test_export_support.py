@@ -41,8 +41,11 @@ def make_run(base: Path, run_dir: Path, chat_format: str, *, r: int = 8, alpha: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from ollama_ft.train.lora import exact_targets
+
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+    with exact_targets(_arch(base)):
+        peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets),
                                             lora_dropout=0.0, **lora_kwargs))
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -68,10 +71,20 @@ def torch_logits(base: Path, adapter: Path | None, ids: list[int]) -> np.ndarray
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        from ollama_ft.train.lora import exact_targets
+
+        with exact_targets(_arch(base)):
+            model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy().astype(np.float64)
+
+
+def _arch(base) -> str:
+    from ollama_ft import catalog
+
+    config = json.loads((Path(base) / "config.json").read_text())
+    return catalog.short_name(config["architectures"][0]) or ""
 
 
 def llama(path: Path, lora: Path | None = None, vocab_only: bool = False, n_ctx: int = 512):

@@ -16,7 +16,8 @@ from test_export_support import TEXTS, llama, make_run, read_gguf
 from ollama_ft.chat_formats import BOS, FORMATS, Message
 
 PRE = {"r1-qwen": "qwen2", "r1-llama": "llama-bpe", "r1-qwen3": "qwen2",
-       "coder-instruct": "deepseek-coder", "llm-chat": "deepseek-llm", "coder-base": "deepseek-coder"}
+       "coder-instruct": "deepseek-coder", "llm-chat": "deepseek-llm", "coder-base": "deepseek-coder",
+       "v2-lite": "deepseek-llm"}
 R1_LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 

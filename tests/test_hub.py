@@ -56,9 +56,11 @@ def test_unknown_spec(tmp_path):
         resolve_base("deepseek-r9")
 
 
-def test_planned_architecture_is_refused_by_alias():
-    with pytest.raises(BaseModelError, match="not supported yet; supported: "):
-        resolve_base("deepseek-v2:16b")
+def test_v2_lite_alias_is_a_trainable_base_now(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BaseModelError, match="deepseek-ai/DeepSeek-V2-Lite-Chat: not in the local "
+                       "Hugging Face cache"):  # it goes to the Hub, no "not supported yet"
+        resolve_base("deepseek-v2:16b", cache_dir=str(tmp_path))
 
 
 @pytest.fixture

@@ -44,6 +44,10 @@ def write_adapter_gguf(out_path: Path, adapter: LoraAdapter, checkpoint: Checkpo
                            "adapter can only carry LoRA pairs: export the merged model instead "
                            "(drop --adapter-only)")
     spec = arch_spec(config, where)
+    if spec.name == "deepseek2":
+        from ollama_ft.export.deepseek2 import check_adapter_targets
+
+        check_adapter_targets(adapter.modules, adapter.dir)
     name_map = gguf.get_tensor_name_map(spec.model_arch(), int(config["num_hidden_layers"]))
     alpha, fold = adapter_alpha(adapter)
     with synced_writer(spec.gguf_arch) as writer:

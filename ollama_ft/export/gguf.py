@@ -89,6 +89,11 @@ class ArchSpec:
     head_dim_keys: bool = False  # write key_length/value_length (head_dim set explicitly)
     rope_types: tuple[str, ...] = ("default", "linear")
     skip: tuple[str, ...] = ("rotary_emb.inv_freq",)  # tensor name endings with no GGUF twin
+    # (config, common hparams, where) -> the architecture's hparams (deepseek2's MLA and MoE)
+    hparam_hook: Callable | None = None
+    # (model, config, out type, where) -> (plans, consumed source names): tensors that are not
+    # one source each (deepseek2's stacked experts and split kv_b)
+    tensor_hook: Callable | None = None
 
     @property
     def gguf_arch(self) -> str:
@@ -109,10 +114,18 @@ class ArchSpec:
         return None
 
 
+def _deepseek2():
+    from ollama_ft.export import deepseek2
+
+    return ArchSpec("deepseek2", rope_types=("default", "yarn"), hparam_hook=deepseek2.hparams,
+                    tensor_hook=deepseek2.special_tensors)
+
+
 EXPORT_SPECS: dict[str, ArchSpec] = {s.name: s for s in (
     ArchSpec("llama", transforms=LLAMA_ROTARY, rope_types=("default", "linear", "llama3")),
     ArchSpec("qwen2", rope_types=("default", "linear", "yarn")),
     ArchSpec("qwen3", head_dim_keys=True, rope_types=("default", "linear", "yarn")),
+    _deepseek2(),
 )}
 
 
@@ -182,6 +195,15 @@ def hparams(spec: ArchSpec, config: dict, where: str) -> list[tuple[str, object,
         if kind == "yarn":
             out.append((Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch),
                         int(rs["original_max_position_embeddings"]), int))
+            # as llama.cpp's converter: the YaRN knobs the config sets
+            for key, gkey in (("extrapolation_factor", Keys.Rope.SCALING_YARN_EXT_FACTOR),
+                              ("attention_factor", Keys.Rope.SCALING_YARN_ATTN_FACTOR),
+                              ("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
+                              ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW)):
+                if rs.get(key) is not None:
+                    out.append((gkey.format(arch=arch), float(rs[key]), float))
+    if spec.hparam_hook is not None:
+        out = spec.hparam_hook(config, out, where)
     return out
 
 
@@ -256,8 +278,11 @@ def plan_tensors(model: MergedModel, spec: ArchSpec, config: dict, out_type: str
     name_map = gguf.get_tensor_name_map(spec.model_arch(), n_blocks)
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[spec.model_arch()]}
     plans: list[TensorPlan] = []
+    used: set[str] = set()
+    if spec.tensor_hook is not None:
+        plans, used = spec.tensor_hook(model, config, out_type, where)
     for name in model.ckpt.names():
-        if any(name.endswith(s) for s in spec.skip):
+        if name in used or any(name.endswith(s) for s in spec.skip):
             continue
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         generic = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name.rsplit(".", 1)[0]) if gguf_name else None
@@ -336,7 +361,7 @@ class BlockPipeline:
 
     def _compute(self, p: TensorPlan, start: int, stop: int) -> np.ndarray:
         if p.generate is not None:
-            return np.ascontiguousarray(p.generate(), dtype=np.float32)
+            return np.ascontiguousarray(_encode(np.asarray(p.generate(), dtype=np.float32), p.qtype))
         model, name = self.model, p.source
         # no delta, no transform, same type: the stored bits are the output bits
         passthrough = (not model.has_delta(name) and p.row_index is None
@@ -450,7 +475,9 @@ def add_general(writer, meta: GeneralMetadata, file_type: int | None) -> None:
 
 
 def _add_kv(writer, key: str, value, kind) -> None:
-    if kind is int:
+    if kind is bool:
+        writer.add_bool(key, bool(value))
+    elif kind is int:
         writer.add_uint32(key, int(value))
     elif kind is float:
         writer.add_float32(key, float(value))

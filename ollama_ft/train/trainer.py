@@ -192,10 +192,11 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
     from peft import get_peft_model
     from transformers import set_seed
 
-    from ollama_ft.train.lora import lora_config
+    from ollama_ft.train.lora import exact_targets, lora_config
 
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same adapter init
-    model = get_peft_model(model, lora_config(cfg, base.architecture))
+    with exact_targets(base.architecture):
+        model = get_peft_model(model, lora_config(cfg, base.architecture))
     if device == "cpu":  # GPUs have their own fused dropout and caching allocator
         from ollama_ft.train.allocator import limit_heap_caching
         from ollama_ft.train.dropout import use_fast_lora_dropout
