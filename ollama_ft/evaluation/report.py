@@ -12,7 +12,7 @@ METRICS = (("loss", "held-out loss", "{:.4f}"), ("perplexity", "perplexity", "{:
 def write_markdown(path: Path, result: dict, answers: list[dict]) -> Path:
     b, f = result["base"], result["fine_tuned"]
     lines = [f"# Evaluation of {result['run']}", "",
-             f"{result['count']} held-out examples ({result['source']}), through llama.cpp on "
+             f"{result['count']} examples ({result['source']}), through llama.cpp on "
              f"`{result['files']['base']}` and `{result['files']['fine_tuned']}`; answers are "
              "greedy.", "", "| | base | fine-tuned |", "|---|---:|---:|"]
     for key, label, fmt in METRICS:
@@ -43,7 +43,7 @@ def plot(path: Path, result: dict) -> Path:
     colors = ("#999999", "#1f77b4")
     bars = ax1.bar(["base", "fine-tuned"], [b["loss"], f["loss"]], color=colors)
     ax1.bar_label(bars, fmt="%.3f")
-    ax1.set_title("held-out loss (lower is better)")
+    ax1.set_title("loss at the answers (lower is better)")
     x = range(2)
     w = 0.38
     for i, (name, r) in enumerate((("base", b), ("fine-tuned", f))):

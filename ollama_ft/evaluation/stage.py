@@ -101,7 +101,7 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
 
         log(f"writing {base_path.name} (the base, for comparison) ...")
         export_stage(run_dir, quants=[q], adapter_only=True, log=log, record=False)
-    log(f"eval: {len(examples)} held-out examples ({source}), {q}, through llama.cpp")
+    log(f"eval: {len(examples)} examples ({source}), {q}, through llama.cpp")
 
     prompts, refs = [], []
     for ex in examples:
