@@ -14,19 +14,28 @@ from transformers import TrainerCallback
 from ollama_ft.train.metrics import append_metrics, plot_loss
 
 
-def memory_mb() -> dict:
-    """Memory now: the process's RSS, and the GPU memory torch holds where there is a GPU."""
-    import psutil
+def memory_mb(peak: bool = False) -> dict:
+    """Memory now (rss_mb, gpu_mb), or the peak so far (peak_rss_mb, peak_gpu_mb): the
+    process's RSS, and the GPU memory torch holds where there is a GPU."""
+    if peak:
+        out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    else:
+        import psutil
 
-    out = {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+        out = {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
     try:
         import torch
 
         if torch.cuda.is_available():
-            out["gpu_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+            used = torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+            out["peak_gpu_mb" if peak else "gpu_mb"] = round(used / 2**20, 1)
     except Exception:  # pragma: no cover - memory figures are best effort
         pass
     return out
+
+
+def peak_memory_mb() -> dict:
+    return memory_mb(peak=True)
 
 
 REPORT_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -62,17 +71,6 @@ def report_callbacks(report_to: str, log_dir: Path) -> tuple[list[str], list]:
         callbacks.append(tb)
     return [t for t in targets if t != "tensorboard"] or ["none"], callbacks
 
-
-def peak_memory_mb() -> dict:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except Exception:  # pragma: no cover - memory figures are best effort
-        pass
-    return out
 
 
 class MetricsCallback(TrainerCallback):
