@@ -15,9 +15,12 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", "llama"),
     "Qwen3ForCausalLM": ("qwen3", "qwen3"),
     "DeepseekV2ForCausalLM": ("deepseek2", "deepseek2"),
+    # V3 and R1 themselves: export (a LoRA trained elsewhere, e.g. on many GPUs) and training
+    # code paths; no catalogue alias (671B parameters)
+    "DeepseekV3ForCausalLM": ("deepseek3", "deepseek2"),
 }
 # Known but not yet trainable: say so instead of failing deep inside transformers.
-PLANNED_ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek3"}
+PLANNED_ARCHITECTURES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ TOKENIZERS = {
     "deepseek-coder-33b-base": "llama",
     "deepseek-llm-7b-base": "llama",
     "deepseek-v2": "deepseek2",
+    "deepseek-r1": "deepseek3",  # R1 (671B) itself: DeepseekV3ForCausalLM
 }
 
 # DeepSeek-V2-Lite's shape, scaled down: MLA (no q compression, like Lite), a leading dense
@@ -29,6 +30,10 @@ DEEPSEEK2_SHAPE = dict(kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
                        qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=4, n_shared_experts=2,
                        num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False,
                        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1)
+# V3 / R1: q compressed, sigmoid routing with a score bias, group-limited expert choice
+DEEPSEEK3_SHAPE = {**DEEPSEEK2_SHAPE, "q_lora_rank": 48, "n_group": 2, "topk_group": 1,
+                   "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+del DEEPSEEK3_SHAPE["topk_method"]
 DEEPSEEK2_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
                   "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 
@@ -83,7 +88,7 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
     tok = AutoTokenizer.from_pretrained(out_dir)
     vocab = -(-len(tok) // 128) * 128
     model_type = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3",
-                  "deepseek2": "deepseek_v2"}[arch]
+                  "deepseek2": "deepseek_v2", "deepseek3": "deepseek_v3"}[arch]
     kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 3,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=max_positions, tie_word_embeddings=False,
@@ -91,8 +96,9 @@ def build_tiny_model(out_dir: str | Path, tokenizer: str = "deepseek-r1-distill-
                   rms_norm_eps=1e-6, rope_theta=10000.0)
     if arch == "qwen3":
         kwargs["head_dim"] = hidden // heads
-    if arch == "deepseek2":  # MLA: every head has its own K and V from the latent
-        kwargs.update(DEEPSEEK2_SHAPE, num_key_value_heads=heads,
+    if arch in ("deepseek2", "deepseek3"):  # MLA: every head has its own K and V from the latent
+        kwargs.update(DEEPSEEK2_SHAPE if arch == "deepseek2" else DEEPSEEK3_SHAPE,
+                      num_key_value_heads=heads,
                       moe_intermediate_size=(intermediate or hidden * 3) // 2)
         if rope_scaling is None:
             rope_scaling = DEEPSEEK2_YARN

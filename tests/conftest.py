@@ -30,8 +30,10 @@ FAMILIES = {
     # V2-Lite's shape (tinymodel.DEEPSEEK2_SHAPE): 27 layers, as llama.cpp tells Lite (no q
     # compression) from the full V2 by its layer count
     "v2-lite": dict(tokenizer="deepseek-v2", arch="deepseek2", layers=27),
+    # DeepSeek-R1 (671B) itself: DeepseekV3ForCausalLM (tinymodel.DEEPSEEK3_SHAPE), 3 layers
+    "r1-v3": dict(tokenizer="deepseek-r1", arch="deepseek3", layers=3),
 }
-EXPECTED_FORMAT = {"v2-lite": "deepseek-llm", "r1-qwen": "deepseek-r1", "r1-llama": "deepseek-r1", "r1-qwen3": "deepseek-r1-0528",
+EXPECTED_FORMAT = {"v2-lite": "deepseek-llm", "r1-v3": "deepseek-r1", "r1-qwen": "deepseek-r1", "r1-llama": "deepseek-r1", "r1-qwen3": "deepseek-r1-0528",
                    "coder-instruct": "deepseek-coder", "llm-chat": "deepseek-llm",
                    "coder-base": "deepseek-coder"}
 

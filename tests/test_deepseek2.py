@@ -1,4 +1,4 @@
-"""DeepSeek-V2-Lite (MLA + MoE) end to end on a tiny V2-Lite-shaped checkpoint (27 layers,
+"""DeepSeek-V2-Lite (MLA + MoE) end to end (and the export of V3 / R1 itself, at the end) on a tiny V2-Lite-shaped checkpoint (27 layers,
 MLA without q compression, a dense first layer, 4 routed + 2 shared experts, YaRN, the real
 DeepSeek-V2 tokenizer): the GGUF llama.cpp runs computes what PyTorch computes."""
 
@@ -182,3 +182,34 @@ def test_trains_and_answers_as_pytorch_through_llama_cpp(tiny_base, tmp_path):
         assert out.strip() == want.strip(), q
         right += want.strip() == a
     assert right >= 3, right
+
+
+# --- V3 / R1 (DeepseekV3ForCausalLM): the export a multi-GPU user of R1 needs --------------
+def test_v3_lora_exports_and_matches_pytorch(tiny_base, tmp_path):
+    """q compression (q_a/q_b), sigmoid routing with the score bias, group-limited experts:
+    F16 logits of base + LoRA as PyTorch's, and llama.cpp's metadata for them."""
+    from transformers import AutoTokenizer
+
+    from ollama_ft.export import export_stage
+
+    base = tiny_base("r1-v3")
+    run = make_run(base, tmp_path / "run", "deepseek-r1", targets=LINEAR_TARGETS["deepseek3"])
+    result = export_stage(run, quants="f16", log=lambda *a: None)
+    assert result.pre_tokenizer == "deepseek-v3"
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok(FORMATS["deepseek-r1"].render_prompt(CONVERSATION), add_special_tokens=False)["input_ids"]
+    ref = torch_logits(base, run / "adapter", ids)
+    got = gguf_logits(run / "model-f16.gguf", ids)
+    assert np.abs(got - ref).max() <= F16_TOL
+    assert (got.argmax(-1) == ref.argmax(-1))[top2_margin(ref) >= F16_TOL].all()
+    assert np.abs(torch_logits(base, None, ids) - ref).max() > 10 * F16_TOL
+    meta = read_gguf(run / "model-f16.gguf")
+    t = meta["__tensors__"]
+    assert meta["general.architecture"] == "deepseek2"
+    assert meta["deepseek2.expert_gating_func"] == 2  # sigmoid
+    assert meta["deepseek2.expert_weights_norm"] is True
+    assert meta["deepseek2.expert_weights_scale"] == pytest.approx(2.5)
+    assert meta["deepseek2.expert_group_count"] == 2 and meta["deepseek2.expert_group_used_count"] == 1
+    assert meta["deepseek2.attention.q_lora_rank"] == 48
+    assert "blk.1.exp_probs_b.bias" in t and t["blk.1.exp_probs_b.bias"][0] == "F32"
+    assert "blk.0.attn_q_a.weight" in t and "blk.0.attn_q_b.weight" in t and "blk.0.attn_q_a_norm.weight" in t

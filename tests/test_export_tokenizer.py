@@ -17,7 +17,7 @@ from ollama_ft.chat_formats import BOS, FORMATS, Message
 
 PRE = {"r1-qwen": "qwen2", "r1-llama": "llama-bpe", "r1-qwen3": "qwen2",
        "coder-instruct": "deepseek-coder", "llm-chat": "deepseek-llm", "coder-base": "deepseek-coder",
-       "v2-lite": "deepseek-llm"}
+       "v2-lite": "deepseek-llm", "r1-v3": "deepseek-v3"}
 R1_LLAMA_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 

@@ -73,9 +73,9 @@ def test_export_refuses_an_architecture_outside_the_catalogue():
     from ollama_ft.export.errors import UnsupportedModelError
     from ollama_ft.export.gguf import arch_spec
 
-    with pytest.raises(UnsupportedModelError, match="DeepseekV3ForCausalLM has no GGUF table; "
-                       "export supports .*DeepseekV2ForCausalLM"):
-        arch_spec({"architectures": ["DeepseekV3ForCausalLM"]}, "config.json")
+    with pytest.raises(UnsupportedModelError, match="MixtralForCausalLM has no GGUF table; "
+                       "export supports .*DeepseekV3ForCausalLM"):
+        arch_spec({"architectures": ["MixtralForCausalLM"]}, "config.json")
 
 
 # --- tables and transforms ----------------------------------------------------------------

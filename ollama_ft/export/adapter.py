@@ -44,7 +44,7 @@ def write_adapter_gguf(out_path: Path, adapter: LoraAdapter, checkpoint: Checkpo
                            "adapter can only carry LoRA pairs: export the merged model instead "
                            "(drop --adapter-only)")
     spec = arch_spec(config, where)
-    if spec.name == "deepseek2":
+    if spec.gguf_arch == "deepseek2":
         from ollama_ft.export.deepseek2 import check_adapter_targets
 
         check_adapter_targets(adapter.modules, adapter.dir)

@@ -1,4 +1,4 @@
-"""DeepSeek-V2 (MLA + MoE) into a GGUF `deepseek2`, laid out as llama.cpp's own converter
+"""DeepSeek-V2 and V3 (MLA + MoE) into a GGUF `deepseek2`, laid out as llama.cpp's own converter
 does (conversion/deepseek.py of the llama.cpp Ollama 0.33 runs, b10488, and of the one
 llama-cpp-python ships):
 
@@ -9,7 +9,10 @@ llama-cpp-python ships):
   which llama.cpp's absorbed MLA multiplies with;
 - the routed experts' gate/up/down matrices are stacked into 3-D ffn_*_exps tensors;
 - the MoE and YaRN metadata: leading dense layers, expert counts and sizes, routing scale
-  and normalisation, yarn_log_multiplier = 0.1 * mscale_all_dim (llama.cpp's convention).
+  and normalisation, yarn_log_multiplier = 0.1 * mscale_all_dim (llama.cpp's convention);
+- V3 (and R1, its fine-tune): q compressed (q_a_proj, q_a_layernorm, q_b_proj), sigmoid
+  routing with a per-expert score bias (e_score_correction_bias -> exp_probs_b) and
+  group-limited expert choice (n_group, topk_group).
 
 The merged LoRA delta is added before the split and the stacking (model.rows)."""
 
@@ -23,6 +26,7 @@ from ollama_ft.export.errors import UnsupportedModelError
 
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 KV_B = re.compile(r"^model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight$")
+SCORE_BIAS = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
 EXPERT_GGUF = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
@@ -69,9 +73,20 @@ def hparams(config: dict, common: list[tuple[str, object, type]], where: str):
         out.append((k(Keys.LLM.EXPERT_WEIGHTS_SCALE), float(config["routed_scaling_factor"]), float))
     if config.get("norm_topk_prob"):
         out.append((k(Keys.LLM.EXPERT_WEIGHTS_NORM), True, bool))
-    if config.get("topk_method") not in (None, "greedy"):
-        raise UnsupportedModelError(f"{where}: topk_method {config['topk_method']!r}: only "
-                                    "DeepSeek-V2-Lite's greedy expert routing is supported")
+    v3 = config.get("model_type") == "deepseek_v3"
+    method = config.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    if method not in ("greedy", "noaux_tc"):
+        raise UnsupportedModelError(f"{where}: topk_method {method!r}: export supports "
+                                    "V2-Lite's greedy and V3's noaux_tc expert routing")
+    if config.get("n_group") is not None:
+        out.append((k(Keys.LLM.EXPERT_GROUP_COUNT), int(config["n_group"]), int))
+    if config.get("topk_group") is not None:
+        out.append((k(Keys.LLM.EXPERT_GROUP_USED_COUNT), int(config["topk_group"]), int))
+    # transformers' V3 always routes by sigmoid (its config has no scoring_func); V2 by softmax
+    gating = config.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+    if gating not in ("softmax", "sigmoid"):
+        raise UnsupportedModelError(f"{where}: scoring_func {gating!r} is not supported")
+    out.append((k(Keys.LLM.EXPERT_GATING_FUNC), 2 if gating == "sigmoid" else 1, int))
     from ollama_ft.export.gguf import rope_scaling
 
     rs = rope_scaling(config) or {}
@@ -132,6 +147,14 @@ def special_tensors(model, config: dict, out_type: str, where: str):
             plans.append(TensorPlan(f"blk.{bid}.{gname}.weight", shape, qtype, _nbytes(shape, qtype),
                                     None, generate=lambda which=which, part=part: part(which)))
         used.add(name)
+    for name in names:  # V3's routing bias (named *_bias, so gguf-py's map misses it)
+        m = SCORE_BIAS.match(name)
+        if m:
+            shape = tuple(model.ckpt.info(name).shape)
+            qtype = _tensor_type(shape, "F32")
+            plans.append(TensorPlan(f"blk.{int(m.group(1))}.exp_probs_b.bias", shape, qtype,
+                                    _nbytes(shape, qtype), name))
+            used.add(name)
     return plans, used
 
 

@@ -114,10 +114,10 @@ class ArchSpec:
         return None
 
 
-def _deepseek2():
+def _deepseek2(name: str):
     from ollama_ft.export import deepseek2
 
-    return ArchSpec("deepseek2", rope_types=("default", "yarn"), hparam_hook=deepseek2.hparams,
+    return ArchSpec(name, rope_types=("default", "yarn"), hparam_hook=deepseek2.hparams,
                     tensor_hook=deepseek2.special_tensors)
 
 
@@ -125,7 +125,8 @@ EXPORT_SPECS: dict[str, ArchSpec] = {s.name: s for s in (
     ArchSpec("llama", transforms=LLAMA_ROTARY, rope_types=("default", "linear", "llama3")),
     ArchSpec("qwen2", rope_types=("default", "linear", "yarn")),
     ArchSpec("qwen3", head_dim_keys=True, rope_types=("default", "linear", "yarn")),
-    _deepseek2(),
+    _deepseek2("deepseek2"),  # V2, V2-Lite
+    _deepseek2("deepseek3"),  # V3, R1: the same GGUF architecture
 )}
 
 

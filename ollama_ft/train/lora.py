@@ -19,6 +19,7 @@ LINEAR_TARGETS = {
     "deepseek2": ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                   "gate_proj", "up_proj", "down_proj"),
 }
+LINEAR_TARGETS["deepseek3"] = LINEAR_TARGETS["deepseek2"]  # V3 / R1: the same projections
 
 
 def lora_config(cfg, architecture: str):
@@ -42,7 +43,7 @@ def exact_targets(architecture: str):
     modules, so the dense layer's and the shared experts' MLPs would get no LoRA and the routed
     experts one our export cannot merge. For deepseek2 the targets mean the linear layers of
     those names (the routed experts are none); this keeps PEFT from rewriting them."""
-    if architecture != "deepseek2":
+    if architecture not in ("deepseek2", "deepseek3"):
         yield
         return
     import peft.utils.transformers_weight_conversion as conversion
