@@ -30,7 +30,8 @@ from realollama import ollama, ollama_ft, requires_ollama  # noqa: F401 (fixture
 
 pytestmark = [pytest.mark.slow, requires_ollama]
 
-FAMILY_NAMES = ["r1-qwen", "r1-llama", "r1-qwen3", "coder-instruct", "llm-chat", "v2-lite"]
+FAMILY_NAMES = ["r1-qwen", "r1-llama", "r1-qwen3", "coder-instruct", "llm-chat", "v2-lite", "r1-v3"]
+MLA = ("v2-lite", "r1-v3")  # GGUF deepseek2: no adapter.gguf form (llama.cpp applies no LoRA to MLA)
 FORMS = {"q8_0": ["--quant", "q8_0"], "q4_k_m": ["--quant", "q4_k_m"],
          "adapter": ["--quant", "q8_0", "--adapter"]}
 NUM_PREDICT = 48
@@ -91,7 +92,7 @@ def family_run(tiny_base, tmp_path_factory):
                         logging_steps=20).validate()
         train_stage(cfg, log=lambda *a: None)
         export_stage(cfg.run_dir, quants=["q8_0", "q4_k_m"], log=lambda *a: None)
-        if family != "v2-lite":  # its LoRA on the MLA projections has no adapter.gguf form
+        if family not in MLA:  # a LoRA on the MLA projections has no adapter.gguf form
             export_stage(cfg.run_dir, quants=["q8_0"], adapter_only=True, log=lambda *a: None)
         ref = Reference(base, cfg.run_dir, EXPECTED_FORMAT[family])
         # trained until it answers: the PyTorch model gives every trained answer
@@ -131,7 +132,7 @@ def no_adapters_here(ollama, family, form) -> bool:
     """Before 0.30 Ollama ran qwen3 in its Go engine, which could not apply LoRA adapters.
     DeepSeek-V2's adapter form is refused by export (llama.cpp applies no LoRA to its MLA
     projections; tests/test_deepseek2.py)."""
-    if form == "adapter" and family == "v2-lite":
+    if form == "adapter" and family in MLA:
         return True
     major, minor = (int(x) for x in ollama.version.split(".")[:2])
     return form == "adapter" and EXPECTED_FORMAT[family] == "deepseek-r1-0528" and \
@@ -168,8 +169,8 @@ def registered(ollama, family_run):
 def test_register_exits_0_and_knows_what_ollama_uses(ollama, registered, family, form):
     from ollama_ft.ollama.templates import template_for
 
-    if form == "adapter" and family == "v2-lite":
-        pytest.skip("no adapter.gguf for DeepSeek-V2 (refused by export: tests/test_deepseek2.py)")
+    if form == "adapter" and family in MLA:
+        pytest.skip("no adapter.gguf for DeepSeek-V2/V3 (refused by export: tests/test_deepseek2.py)")
     reg = registered(family, form)
     name, proc, report = reg.name, reg.proc, reg.report
     if no_adapters_here(ollama, family, form):  # refused, and the user is told why
