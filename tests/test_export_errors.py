@@ -130,14 +130,14 @@ def test_corrupt_adapter_safetensors(run):
 
 
 def test_unsupported_architecture(run, base, tmp_path):
-    other = _copy_base(base, tmp_path / "v2")
+    other = _copy_base(base, tmp_path / "mixtral")
     cfg = json.loads((other / "config.json").read_text())
-    cfg["architectures"] = ["DeepseekV2ForCausalLM"]
+    cfg["architectures"] = ["MixtralForCausalLM"]
     (other / "config.json").write_text(json.dumps(cfg))
     _point_at(run, other)
     with pytest.raises(UnsupportedModelError) as e:
         export_stage(run, quants="f16", log=quiet)
-    assert "DeepseekV2ForCausalLM" in str(e.value) and "Qwen2ForCausalLM" in str(e.value)
+    assert "MixtralForCausalLM" in str(e.value) and "Qwen2ForCausalLM" in str(e.value)
     assert _outputs(run) == []
 
 
