@@ -182,6 +182,14 @@ def test_trains_and_answers_as_pytorch_through_llama_cpp(tiny_base, tmp_path):
         assert out.strip() == want.strip(), q
         right += want.strip() == a
     assert right >= 3, right
+    # eval through the GGUF works for it too (its base GGUF is written without an adapter.gguf,
+    # which a LoRA on the MLA projections cannot be)
+    from ollama_ft.evaluation import eval_stage
+
+    ev = eval_stage(cfg.run_dir, eval_data=str(data), max_new_tokens=24, log=lambda *a: None,
+                    progress=False)
+    assert ev["fine_tuned"]["loss"] < ev["base"]["loss"] and ev["fine_tuned"]["exact_match"] >= 0.75
+    assert not (cfg.run_dir / "adapter.gguf").exists() and (cfg.run_dir / "base-q8_0.gguf").is_file()
 
 
 # --- V3 / R1 (DeepseekV3ForCausalLM): the export a multi-GPU user of R1 needs --------------

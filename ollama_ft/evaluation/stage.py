@@ -100,7 +100,8 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
         from ollama_ft.export import export_stage
 
         log(f"writing {base_path.name} (the base, for comparison) ...")
-        export_stage(run_dir, quants=[q], adapter_only=True, log=log, record=False)
+        export_stage(run_dir, quants=[q], adapter_only=True, log=log, record=False,
+                     with_adapter=False)
     log(f"eval: {len(examples)} examples ({source}), {q}, through llama.cpp")
 
     prompts, refs = [], []

@@ -185,10 +185,11 @@ def _peak_rss_mb() -> float | None:
 
 def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, log=print,
                  base: str | Path | None = None, threads: int | None = None,
-                 record: bool = True) -> ExportResult:
+                 record: bool = True, with_adapter: bool = True) -> ExportResult:
     """Write the run's GGUF files (see the module docstring). Returns an ExportResult.
-    record=False leaves report.json's export section as it was (eval writes a base GGUF
-    for itself without changing what the run's export says it made)."""
+    record=False leaves report.json's export section as it was, and adapter_only with
+    with_adapter=False writes only the base GGUF (eval's base, for itself, without changing
+    what the run's export says it made)."""
     from ollama_ft.chat_formats import FORMATS
     from ollama_ft.export.gguf import arch_spec, write_gguf
     from ollama_ft.export.merge import Checkpoint, MergedModel, load_adapter
@@ -236,7 +237,7 @@ def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, l
 
             needs["F16 intermediate"] = estimate_bytes(QUANT_TYPES["f16"], n_matrix, n_vector,
                                                        len(tok.tokens))
-        if adapter_only:
+        if adapter_only and with_adapter:
             needs["adapter.gguf"] = adapter.file.path.stat().st_size * 2 + 2**20
         check_disk(run_dir, needs, log)
 
@@ -244,7 +245,7 @@ def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, l
         sizes: dict[str, int] = {}
         timings: dict[str, float] = {}
         alpha_written = None
-        if adapter_only:
+        if adapter_only and with_adapter:
             from ollama_ft.export.adapter import adapter_alpha, write_adapter_gguf
 
             alpha_written = adapter_alpha(adapter)[0]
@@ -257,6 +258,7 @@ def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, l
             files["adapter"] = final
             timings["adapter"] = round(time.perf_counter() - t, 2)
             log(f"  wrote {final.name} (LoRA adapter, {len(adapter.modules)} weights)")
+        if adapter_only:
             model = MergedModel(ckpt, None)  # the base GGUFs carry no adapter
             general.finetune = None
             general.name = general.basename or info.name
