@@ -55,24 +55,17 @@ def held_out(run_dir: Path, cfg: dict, eval_data, tokenizer, fmt, limit: int | N
     return examples, encoded, source
 
 
-def _pick_quant(run_dir: Path, quant: str | None) -> str:
-    if quant:
-        from ollama_ft.export.quantize import parse_quants
+def _pick_quant(run_dir: Path, cfg: dict, quant: str | None) -> str:
+    """--quant, else the quant the run is served as (what register sends to Ollama)."""
+    from ollama_ft.export.quantize import parse_quants
+    from ollama_ft.ollama.templates import quant_file, quant_list, served_quant
 
-        quant = parse_quants(quant)[0].name
-        if not (run_dir / f"model-{quant}.gguf").is_file():
-            raise OllamaFtError(f"{run_dir / f'model-{quant}.gguf'}: not exported; run "
-                                f"`ollama-ft export {run_dir} --quant {quant}` first")
-        return quant
-    files = ((read_json(run_dir / RUN_FILES["report"], {}) or {}).get("export") or {}).get("files") or {}
-    for q, name in files.items():
-        if name.startswith("model-") and (run_dir / name).is_file():
-            return q
-    found = sorted(run_dir.glob("model-*.gguf"))
-    if not found:
-        raise OllamaFtError(f"{run_dir}: no exported model-<quant>.gguf to evaluate; run "
-                            f"`ollama-ft export {run_dir}` first (eval measures the GGUF files)")
-    return found[0].name[len("model-"):-len(".gguf")]
+    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
+    quant = parse_quants(quant or quant_list(served_quant(run_dir, cfg, report))[0])[0].name
+    if not (run_dir / quant_file(quant)).is_file():
+        raise OllamaFtError(f"{run_dir / quant_file(quant)}: not exported; run `ollama-ft export "
+                            f"{run_dir} --quant {quant}` first (eval measures the GGUF files)")
+    return quant
 
 
 def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
@@ -94,7 +87,7 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     fmt = FORMATS[info.chat_format]
     tokenizer = AutoTokenizer.from_pretrained(info.base_path)
     examples, encoded, source = held_out(run_dir, cfg, eval_data, tokenizer, fmt, limit)
-    q = _pick_quant(run_dir, quant)
+    q = _pick_quant(run_dir, cfg, quant)
     fine_path, base_path = run_dir / f"model-{q}.gguf", run_dir / f"base-{q}.gguf"
     if not base_path.is_file():
         from ollama_ft.export import export_stage

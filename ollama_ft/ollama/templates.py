@@ -298,18 +298,24 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
     if not chat_format and template_file is None:
         chat_format = resolve_chat_format(None, _chat_template(base_path),
                                           where=f"{run_dir}: the base {base or base_path or '?'}")
-    if not quant:  # run.yaml's quant; if its GGUF is not there, the first one that is
-        quant = cfg.get("quant") or DEFAULT_QUANT
-        first = quant_list(quant)
-        exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
-        if first and not (run_dir / quant_file(first[0], adapter)).is_file():
-            quant = next((k for k in exported if (run_dir / quant_file(k, adapter)).is_file()),
-                         quant)
+    quant = quant or served_quant(run_dir, cfg, report, adapter)
     from_ = "./" + quant_file(quant_list(quant)[0], adapter=True) if adapter else None
     return build_modelfile(chat_format, quant=quant, max_len=cfg.get("max_len"),
                            base_context=_base_context(base_path, repo_id, base),
                            system=system, overrides=overrides, template_file=template_file,
                            from_=from_, adapter=ADAPTER_FILE if adapter else None)
+
+
+def served_quant(run_dir: Path, cfg: dict, report: dict, adapter: bool = False) -> str:
+    """The quant a run is served as: run.yaml's; if its GGUF is not there, the first
+    exported one that is (register, modelfile and eval all take this one)."""
+    quant = cfg.get("quant") or DEFAULT_QUANT
+    first = quant_list(quant)
+    exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
+    if first and not (Path(run_dir) / quant_file(first[0], adapter)).is_file():
+        quant = next((k for k in exported if (Path(run_dir) / quant_file(k, adapter)).is_file()),
+                     quant)
+    return quant
 
 
 def write_modelfile(run_dir: str | Path, modelfile: Modelfile, header: str | None = None) -> Path:

@@ -255,7 +255,7 @@ class Engine:
                 self._make_room(need)
                 m = Loaded(key, name, digest, model_path, adapter_path, n_ctx, None, need, n_gpu)
                 self.models[key] = m
-            elif m.busy and sum(x.slot.waiting for x in self.models.values()) >= self.max_queue:
+            elif m.busy and self.queued() >= self.max_queue:  # (the lock is reentrant)
                 raise ServerBusy()
             m.busy += 1
             m.expires_at = float("inf")
