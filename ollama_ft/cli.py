@@ -37,8 +37,8 @@ def main():
 # --- train -----------------------------------------------------------------------------------
 def _train_options(f):
     opts = [
-        click.option("--base", help="Local checkpoint folder, Hugging Face repo id, or alias "
-                     "(see `ollama-ft models`)."),
+        click.option("--base", help="Local checkpoint folder, Hugging Face repo id, alias, "
+                     "or ollama:NAME[:TAG] (a model of your Ollama; see `ollama-ft models`)."),
         click.option("--data", type=click.Path(dir_okay=False), help="Training data: JSONL, JSON, "
                      "CSV or Parquet."),
         click.option("--name", help="Run and model name (runs/NAME)."),
@@ -80,6 +80,9 @@ def _train_options(f):
         click.option("--quant", help="GGUF types to export, comma-separated (default q4_k_m)."),
         click.option("--export/--no-export", default=None, help="Stop after training."),
         click.option("--register/--no-register", default=None, help="Do not register with Ollama."),
+        click.option("--merged/--no-merged", default=None, help="With an ollama:NAME base: "
+                     "register the base with the LoRA merged in instead of FROM base + ADAPTER "
+                     "(automatic on daemons that refuse adapters)."),
         click.option("--allow-pickle/--no-allow-pickle", default=None,
                      help="Accept .bin (pickle) weights."),
         click.option("--trust-remote-code/--no-trust-remote-code", default=None),
@@ -91,13 +94,15 @@ def _train_options(f):
 
 @main.command()
 @_train_options
-def train(config_file, **flags):
+@click.option("--host", help="Ollama URL for an ollama:NAME base and for registering (default "
+              "$OLLAMA_HOST or 127.0.0.1:11434).")
+def train(config_file, host, **flags):
     """Fine-tune a LoRA adapter on your data (then export and register)."""
     from ollama_ft.config import build_config
     from ollama_ft.pipeline import run_pipeline
 
     cfg = build_config(config_file, **flags)
-    run_pipeline(cfg, log=_echo)
+    run_pipeline(cfg, log=_echo, host=host)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -108,12 +113,14 @@ def data():
 
 @data.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--base", required=True, help="The base whose tokenizer and chat format to use.")
+@click.option("--base", required=True, help="The base whose tokenizer and chat format to use "
+              "(as train's --base, ollama:NAME too).")
 @click.option("--format", "shape", help="Data format (default: detected).")
 @click.option("--chat-format", help="Force a chat format.")
 @click.option("--max-len", type=int, default=2048, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_check(file, base, shape, chat_format, max_len, as_json):
+@click.option("--host", help="Ollama URL for an ollama:NAME base (default $OLLAMA_HOST).")
+def data_check(file, base, shape, chat_format, max_len, as_json, host):
     """Check FILE: format, rejects, duplicates, token lengths, truncation."""
     import json
 
@@ -122,7 +129,7 @@ def data_check(file, base, shape, chat_format, max_len, as_json):
     from ollama_ft.train.trainer import load_tokenizer
     from ollama_ft.config import RunConfig
 
-    resolved = resolve_base(base, chat_format=chat_format)
+    resolved = resolve_base(base, chat_format=chat_format, host=host, log=_echo)
     tokenizer = load_tokenizer(resolved, RunConfig())
     _, _, report = check_data(file, tokenizer, resolved.chat_format, max_len, shape)
     if as_json:
@@ -132,18 +139,41 @@ def data_check(file, base, shape, chat_format, max_len, as_json):
 
 
 # --- models ----------------------------------------------------------------------------------
+def _table(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        cells = "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+        click.echo((cells + ("  " + r[-1] if r[-1] else "")).rstrip())
+
+
 @main.command()
-def models():
-    """List the DeepSeek bases ollama-ft knows by alias."""
+@click.option("--host", help="Also list this Ollama's models (default $OLLAMA_HOST or "
+              "127.0.0.1:11434).")
+def models(host):
+    """List the DeepSeek bases ollama-ft knows by alias, and your Ollama's models (each usable
+    as --base ollama:NAME, or why not)."""
     from ollama_ft.catalog import CATALOG
+    from ollama_ft.errors import BaseModelError
+    from ollama_ft.ollama_base.source import list_models
 
     rows = [("ALIAS", "HUGGING FACE REPO", "ARCH", "CHAT FORMAT", "SIZE", "")]
     for m in CATALOG:
         rows.append((m.alias, m.repo_id, m.architecture, m.chat_format, m.params,
                      "" if m.supported else "(not yet)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + ("  " + r[5] if r[5] else ""))
+    _table(rows)
+    try:
+        url, daemon = list_models(host)
+    except BaseModelError as e:
+        click.echo(f"\nOllama: {e}")
+        return
+    click.echo(f"\nOllama at {url}: {len(daemon)} model(s)")
+    if daemon:
+        rows = [("--BASE", "ARCH", "QUANT", "SIZE", "")]
+        for m in daemon:
+            size = f"{m['size'] / 1e9:.1f} GB" if m.get("size") else "?"
+            rows.append((f"ollama:{m['name']}", m.get("architecture") or "?", m.get("quant") or "?",
+                         size, f"(cannot be a base: {m['base']})" if m["base"] else ""))
+        _table(rows)
 
 
 # --- export / modelfile / register -------------------------------------------------------------
@@ -236,13 +266,20 @@ def modelfile(run, name, params, template_file, system, quant, adapter):
 @click.option("--name", help="NAME[:TAG] in Ollama (default: the run's name).")
 @click.option("--host", help="Ollama URL (default $OLLAMA_HOST or 127.0.0.1:11434).")
 @_modelfile_options
-def register(run, name, host, params, template_file, system, quant, adapter):
+@click.option("--merged", is_flag=True, default=None, help="A run on an ollama:NAME base: the "
+              "base with the LoRA merged in instead of FROM base + ADAPTER.")
+def register(run, name, host, params, template_file, system, quant, adapter, merged):
     """Register the run's GGUF with Ollama (or the bridge); check what it feeds the model."""
     from ollama_ft.ollama.templates import parse_overrides
     from ollama_ft.pipeline import register_stage
 
+    if merged:
+        from ollama_ft.export import export_stage
+
+        export_stage(run, merged=True, log=_echo)
     register_stage(run, name, host=host, system=system, overrides=parse_overrides(params),
-                   template_file=template_file, quant=quant, adapter=adapter, log=_echo)
+                   template_file=template_file, quant=quant, adapter=adapter, log=_echo,
+                   merged=merged or None)
 
 
 # --- serve -----------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class RunConfig:
     resume: bool = False
     # later stages
     quant: str = "q4_k_m"
+    merged: bool = False  # an `ollama:NAME` base: register base + LoRA merged, not an ADAPTER
     export: bool = True
     register: bool = True
     # trust

@@ -40,6 +40,7 @@ class ResolvedBase:
     chat_format_reason: str
     entry: catalog.BaseModel | None = None
     config: dict | None = None
+    ollama: object = None  # ollama_base.source.OllamaBase for `--base ollama:NAME`
 
     def describe(self) -> str:
         where = self.repo_id or str(self.path)
@@ -49,7 +50,17 @@ class ResolvedBase:
 
 def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
                  chat_format: str | None = None, revision: str | None = None,
-                 cache_dir: str | None = None, token: str | None = None) -> ResolvedBase:
+                 cache_dir: str | None = None, token: str | None = None,
+                 host: str | None = None, log=print) -> ResolvedBase:
+    from ollama_ft.ollama_base.source import is_ollama_spec
+
+    if is_ollama_spec(spec):  # a model of an Ollama daemon (OLLAMA_HOST, or host)
+        from ollama_ft.ollama_base.resolve import resolve_ollama_base
+
+        if chat_format:
+            raise BaseModelError(f"--base {spec}: an Ollama base trains on the TEMPLATE the "
+                                 "daemon serves it with; --chat-format does not apply")
+        return resolve_ollama_base(spec, host, log=log)
     path = Path(spec).expanduser()
     entry = None
     if path.exists():

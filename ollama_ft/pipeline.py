@@ -21,7 +21,7 @@ def run_pipeline(cfg: RunConfig, log=print, callbacks=(), on_stage=None, host: s
 
     artifacts = {} if artifacts is None else artifacts
     artifacts["run_dir"] = str(cfg.run_dir)
-    result = train_stage(cfg, callbacks=callbacks, log=log)
+    result = train_stage(cfg, callbacks=callbacks, log=log, host=host)
     if result.interrupted:
         log(f"stopped at step {result.steps}; a checkpoint is in {cfg.run_dir / 'checkpoints'}. "
             f"Continue with: ollama-ft train --config {cfg.run_dir / 'run.yaml'} --resume")
@@ -57,7 +57,8 @@ def run_pipeline(cfg: RunConfig, log=print, callbacks=(), on_stage=None, host: s
 
 
 def modelfile_stage(run_dir, *, system: str | None = None, overrides=None, template_file=None,
-                    quant=None, name: str | None = None, adapter: bool = False, log=print):
+                    quant=None, name: str | None = None, adapter: bool = False,
+                    merged: bool | None = None, log=print):
     """Write RUN/Modelfile for the run (SYSTEM from training when every example shared one)."""
     from ollama_ft.ollama.templates import modelfile_for_run, write_modelfile
 
@@ -72,7 +73,7 @@ def modelfile_stage(run_dir, *, system: str | None = None, overrides=None, templ
 
         quant = parse_quants(quant)[0].name
     mf = modelfile_for_run(run_dir, system=system, overrides=overrides, template_file=template_file,
-                           quant=quant, adapter=adapter)
+                           quant=quant, adapter=adapter, merged=merged)
     name = name or _run_name(run_dir)
     path = write_modelfile(run_dir, mf, header=f"ollama create {name} -f Modelfile")
     log(f"Modelfile: {path}")
@@ -84,11 +85,28 @@ def register_stage(run_dir, name: str | None = None, *, host: str | None = None,
     from ollama_ft.ollama.client import register
     from ollama_ft.ollama.names import parse_name
 
+    from ollama_ft.ollama.client import AdapterRefused
+
     run_dir = Path(run_dir)
     name = parse_name(name or _run_name(run_dir)).short  # validated before anything is sent
     mf, _ = modelfile_stage(run_dir, name=name, log=log, **modelfile_args)
-    result = register(run_dir, mf, name, host=host, log=log,
-                      expected=_expected(run_dir, mf, modelfile_args.get("template_file")))
+    try:
+        result = register(run_dir, mf, name, host=host, log=log,
+                          expected=_expected(run_dir, mf, modelfile_args.get("template_file")))
+    except AdapterRefused as e:
+        report = read_json(run_dir / RUN_FILES["report"], {}) or {}
+        from ollama_ft.ollama_base.resolve import of_run
+
+        if of_run(report) is None:
+            raise
+        # Ollama 0.34.1 and later create no adapter models: the base with the LoRA merged in
+        log(f"the daemon refused the adapter form ({e.reason}); registering a merged model")
+        from ollama_ft.ollama_base.export import export_ollama_run
+
+        export_ollama_run(run_dir, report, merged=True, log=log)
+        mf, _ = modelfile_stage(run_dir, name=name, log=log, **{**modelfile_args, "merged": True})
+        result = register(run_dir, mf, name, host=host, log=log,
+                          expected=_expected(run_dir, mf, modelfile_args.get("template_file")))
     update_report(run_dir, "register", {
         "name": result.name, "host": result.host, "ollama_version": result.version,
         "from": mf.from_, "adapter": mf.adapter,
@@ -104,6 +122,12 @@ def _expected(run_dir: Path, mf, template_file):
     from ollama_ft.ollama.verify import Expected
 
     report = read_json(run_dir / RUN_FILES["report"], {}) or {}
+    from ollama_ft.ollama_base.resolve import of_run
+
+    ollama = of_run(report)
+    if ollama is not None:  # trained on the daemon's own TEMPLATE
+        base = (report.get("train") or {}).get("base_path")
+        return Expected(ollama[1], Path(base) / "tokenizer.json" if base else None, mf.system)
     train, export = report.get("train") or {}, report.get("export") or {}
     fmt = None if template_file else (train.get("chat_format") or export.get("chat_format"))
     base = export.get("base_path") or train.get("base_path")

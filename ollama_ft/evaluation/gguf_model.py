@@ -10,7 +10,8 @@ from ollama_ft.errors import OllamaFtError
 
 
 class GGUFModel:
-    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None,
+                 lora_path: Path | None = None):
         import os
 
         from llama_cpp import Llama
@@ -18,7 +19,8 @@ class GGUFModel:
         self.path = Path(path)
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                             n_threads=threads or os.cpu_count(), seed=0)
+                             n_threads=threads or os.cpu_count(), seed=0,
+                             lora_path=str(lora_path) if lora_path else None)
         except Exception as e:
             raise OllamaFtError(f"{path}: llama.cpp could not load it ({e}); re-export the run "
                                 "with `ollama-ft export RUN`") from None

@@ -84,11 +84,18 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     info = read_run(Path(run_dir))
     run_dir = info.run_dir
     cfg = _run_config(run_dir)
-    fmt = FORMATS[info.chat_format]
+    from ollama_ft.ollama_base.resolve import of_run
+
+    ollama = of_run(read_json(run_dir / RUN_FILES["report"], {}) or {})
+    fmt = ollama[1] if ollama else FORMATS[info.chat_format]
     tokenizer = AutoTokenizer.from_pretrained(info.base_path)
     examples, encoded, source = held_out(run_dir, cfg, eval_data, tokenizer, fmt, limit)
-    q = _pick_quant(run_dir, cfg, quant)
-    fine_path, base_path = run_dir / f"model-{q}.gguf", run_dir / f"base-{q}.gguf"
+    lora = None
+    if ollama:  # the daemon's blob, and the fine-tune as the daemon runs it: blob + adapter
+        q, base_path, fine_path, lora = _ollama_files(run_dir, ollama[0], log)
+    else:
+        q = _pick_quant(run_dir, cfg, quant)
+        fine_path, base_path = run_dir / f"model-{q}.gguf", run_dir / f"base-{q}.gguf"
     if not base_path.is_file():
         from ollama_ft.export import export_stage
 
@@ -107,7 +114,7 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     n_ctx = max(max(len(e.input_ids) for e in encoded), max(len(p) for p in prompts) + max_new_tokens) + 8
     results, answers = {}, {}
     for key, path in (("base", base_path), ("fine_tuned", fine_path)):
-        model = GGUFModel(path, n_ctx, threads)
+        model = GGUFModel(path, n_ctx, threads, lora_path=lora if key == "fine_tuned" else None)
         nll = count = 0.0
         em = rl = 0.0
         outs = []
@@ -135,7 +142,8 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     rows = [{"question": question, "expected": expected, "base": b, "fine_tuned": f}
             for (question, expected), b, f in zip(refs, answers["base"], answers["fine_tuned"])]
     result = {**results, "run": info.name, "quant": q, "source": source, "count": len(examples),
-              "files": {"base": base_path.name, "fine_tuned": fine_path.name},
+              "files": {"base": base_path.name,
+                        "fine_tuned": fine_path.name + (f" + {lora.name}" if lora else "")},
               "max_new_tokens": max_new_tokens, "runtime_s": round(time.perf_counter() - t0, 2)}
     with open(run_dir / "eval.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
@@ -145,6 +153,24 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     update_report(run_dir, "eval", result)
     log(f"eval: {run_dir / 'eval.md'}  picture: {run_dir / 'eval.png'}")
     return result
+
+
+def _ollama_files(run_dir: Path, ob, log) -> tuple[str, Path, Path, Path | None]:
+    """(quant, base GGUF, fine-tune GGUF, its adapter or None) of a run on an Ollama base:
+    the merged model-<quant>.gguf when the run registered one, else the blob + adapter.gguf."""
+    from ollama_ft.ollama_base.export import ADAPTER, merged_name
+
+    blob = Path(ob.blob)
+    if not blob.is_file():
+        raise OllamaFtError(f"{blob}: the base {ob.name}'s GGUF is no longer in the daemon's store")
+    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
+    merged = run_dir / merged_name(ob.quant)
+    if (report.get("register") or {}).get("adapter") is None and merged.is_file():
+        return ob.quant.lower(), blob, merged, None
+    adapter = run_dir / ADAPTER
+    if not adapter.is_file():
+        raise OllamaFtError(f"{adapter}: not exported; run `ollama-ft export {run_dir}` first")
+    return ob.quant.lower(), blob, blob, adapter
 
 
 def _bar(total: int, desc: str, enabled: bool):

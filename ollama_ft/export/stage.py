@@ -63,6 +63,13 @@ class RunInfo:
     trained_on: str | None
 
 
+def _run_yaml(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / RUN_FILES["config"]
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
 def read_run(run_dir: Path, base: str | Path | None = None) -> RunInfo:
     import yaml
 
@@ -90,7 +97,7 @@ def read_run(run_dir: Path, base: str | Path | None = None) -> RunInfo:
         chat_format = inspect_checkpoint(str(base_path), base_path, "local", None, None).chat_format.name
     from ollama_ft.chat_formats import FORMATS
 
-    if chat_format not in FORMATS:
+    if chat_format not in FORMATS and not chat_format.startswith("ollama:"):
         raise RunDirError(f"{run_dir / RUN_FILES['report']}: train.chat_format {chat_format!r} "
                           f"is not one of {', '.join(FORMATS)}")
     return RunInfo(run_dir, str(cfg.get("name") or run_dir.name), base_path,
@@ -185,7 +192,8 @@ def _peak_rss_mb() -> float | None:
 
 def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, log=print,
                  base: str | Path | None = None, threads: int | None = None,
-                 record: bool = True, with_adapter: bool = True) -> ExportResult:
+                 record: bool = True, with_adapter: bool = True,
+                 merged: bool | None = None) -> ExportResult:
     """Write the run's GGUF files (see the module docstring). Returns an ExportResult.
     record=False leaves report.json's export section as it was, and adapter_only with
     with_adapter=False writes only the base GGUF (eval's base, for itself, without changing
@@ -197,6 +205,15 @@ def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, l
     from ollama_ft.export.vocab import read_tokenizer
 
     t0 = time.perf_counter()
+    report = read_json(Path(run_dir) / RUN_FILES["report"], {}) or {}
+    from ollama_ft.ollama_base.resolve import of_run
+
+    if base is None and of_run(report) is not None:  # an Ollama base: its blob is the base GGUF
+        from ollama_ft.ollama_base.export import export_ollama_run
+
+        if merged is None:
+            merged = bool(_run_yaml(Path(run_dir)).get("merged"))
+        return export_ollama_run(Path(run_dir), report, merged=merged, log=log)
     info = read_run(Path(run_dir), base)
     run_dir = info.run_dir
     types = parse_quants(quants if quants is not None else (info.quant or None))

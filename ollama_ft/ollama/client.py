@@ -22,6 +22,20 @@ class OllamaUnreachable(OllamaError):
     exit_code = 3
 
 
+class AdapterRefused(OllamaError):
+    """The daemon will not create (or run) a model with an ADAPTER: Ollama 0.34.1 and later
+    create none, and before 0.30 its own engine could not apply one."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def is_model_name(ref: str) -> bool:
+    """A Modelfile FROM naming a model of the daemon, not a file of the run."""
+    return not (ref.startswith((".", "/", "~")) or ref.lower().endswith(".gguf"))
+
+
 def ollama_url(host: str | None = None) -> str:
     """OLLAMA_HOST rules: no scheme means http; default 127.0.0.1:11434; an explicit http://
     without a port means 80 (https: 443); 0.0.0.0 and :: mean this machine."""
@@ -106,9 +120,12 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     target = parse_name(name)
     url = ollama_url(host)
     mf_path = run_dir / "Modelfile"
-    files = {}
+    files, from_model = {}, None
     for field_name, ref in (("files", modelfile.from_), ("adapters", modelfile.adapter)):
         if not ref:
+            continue
+        if field_name == "files" and is_model_name(ref):
+            from_model = ref  # FROM a model the daemon has: nothing to upload
             continue
         path = (run_dir / ref).resolve()
         if not path.is_file():
@@ -134,19 +151,24 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
         (uploaded if _upload(client, path, digest) else skipped).append(path.name)
         digests[field_name] = {path.name: digest}
     request = modelfile.to_create_request()
+    if from_model:
+        request["from_"] = from_model
     try:
         for status in client.create(model=target.short, stream=True, **digests, **request):
             if status.status and status.status != "success":
                 log(f"  {status.status}")
     except ollama.ResponseError as e:
-        raise OllamaError(f"Ollama refused the model: {e.error} (HTTP {e.status_code}); the "
-                          f"Modelfile is {mf_path}") from None
+        message = (f"Ollama refused the model: {e.error} (HTTP {e.status_code}); the "
+                   f"Modelfile is {mf_path}")
+        if "adapters" in digests and "adapter" in str(e.error).lower():
+            raise AdapterRefused(message, str(e.error)) from None
+        raise OllamaError(message) from None
     reply, verification = "", None
     if verify:
         from ollama_ft.ollama.verify import Expected
         from ollama_ft.serve.ggufinfo import chat_template
 
-        gguf_template = chat_template(files.get("files"))
+        gguf_template = chat_template(files.get("files") or _shown_blob(url, headers, from_model))
         reply, verification = _verify(client, url, headers, target.short, request,
                                       expected or Expected(None), gguf_template)
         log(f"  Ollama uses the {verification.template}; {verification.prompt}"
@@ -154,6 +176,21 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     log(f"registered {target.short}")
     return RegisterResult(target.short, url, version, mf_path, uploaded, skipped, reply,
                           round(time.perf_counter() - t0, 2), verification)
+
+
+def _shown_blob(url: str, headers: dict, name: str | None) -> Path | None:
+    """The GGUF of the model FROM names, where it lies on this machine (for its chat template)."""
+    if not name:
+        return None
+    try:
+        from ollama_ft.ollama_base.source import _modelfile, locate_blob, show
+
+        reply = show(name, url)[2]
+        return locate_blob(_modelfile(reply.get("modelfile") or "", name).from_ or "", name, url)
+    except OllamaError:
+        return None
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return None
 
 
 def _verify(client, url: str, headers: dict, name: str, request: dict, expected,

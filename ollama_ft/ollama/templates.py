@@ -268,7 +268,7 @@ def _chat_template(base_path: str | None) -> str | None:
 
 def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrides=None,
                       template_file: str | Path | None = None, quant=None,
-                      adapter: bool = False) -> Modelfile:
+                      adapter: bool = False, merged: bool | None = None) -> Modelfile:
     """build_modelfile with what RUN/run.yaml and RUN/report.json say: the chat format
     (train report, then run.yaml's chat_format, then the catalogue, then the base's chat
     template), max_len, quant, and the base's context length. `adapter`: FROM the base
@@ -284,6 +284,19 @@ def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrid
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     report = read_json(run_dir / RUN_FILES["report"], {}) or {}
     train = report.get("train") or {}
+    from ollama_ft.ollama_base.resolve import of_run
+
+    ollama = of_run(report)
+    if ollama is not None:  # a base from Ollama: its own TEMPLATE, FROM it + ADAPTER
+        if template_file is not None:
+            raise TemplateError(f"{run_dir}: trained on the TEMPLATE of {ollama[0].name}; a "
+                                "--template of your own would not be what training saw")
+        from ollama_ft.ollama_base import modelfile
+
+        if merged is None:
+            merged = bool(cfg.get("merged"))
+        return modelfile.build(ollama[0], max_len=cfg.get("max_len"), merged=merged,
+                               system=system, overrides=overrides)
     base = cfg.get("base") or train.get("base")
     base_path = train.get("base_path")
     repo_id = train.get("repo_id")

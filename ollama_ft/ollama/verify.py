@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ollama_ft.chat_formats import FORMATS, Message
+from ollama_ft.chat_formats import FORMATS, ChatFormat, Message
 from ollama_ft.errors import OllamaError
 
 # the daemon adds the Modelfile's SYSTEM itself when a request has no system message
@@ -25,7 +25,7 @@ PROBE = [Message("user", "Hi 你好"), Message("assistant", "Hello."),
 @dataclass
 class Expected:
     """What training renders: the run's chat format, and the base's tokenizer (if found)."""
-    chat_format: str | None  # None: a user --template; the render is not checked then
+    chat_format: "str | ChatFormat | None"  # None: a user --template; not checked then
     tokenizer_json: Path | None = None
     system: str | None = None
 
@@ -74,8 +74,13 @@ def render_probe(http, url: str, name: str, messages: list[dict]) -> dict:
             hint = ("; this Ollama runs the model's architecture in its own engine, which "
                     "cannot apply LoRA adapters (Ollama before 0.30): register the merged GGUF "
                     "(without --adapter) or update Ollama")
-        raise OllamaError(f"{name} was created but the daemon refused a chat: "
-                          f"{r.text.strip()[:300]} (HTTP {r.status_code}){hint}")
+        message = (f"{name} was created but the daemon refused a chat: "
+                   f"{r.text.strip()[:300]} (HTTP {r.status_code}){hint}")
+        if hint:
+            from ollama_ft.ollama.client import AdapterRefused
+
+            raise AdapterRefused(message, "loras are not yet implemented")
+        raise OllamaError(message)
     return r.json()
 
 
@@ -85,7 +90,8 @@ def verify_prompt(http, url: str, name: str, show: dict, sent_template: str | No
     shown = show.get("template") or ""
     caps = list(show.get("capabilities") or [])
     source = template_source(shown, sent_template, gguf_template)
-    fmt = FORMATS.get(expected.chat_format or "")
+    fmt = expected.chat_format if isinstance(expected.chat_format, ChatFormat) else \
+        FORMATS.get(expected.chat_format or "")
     where = f"{name}: Ollama uses its {source}"
     if fmt is not None and fmt.thinking and caps and "thinking" not in caps:
         raise OllamaError(f"{where}, which gives the model no thinking capability "
@@ -97,6 +103,10 @@ def verify_prompt(http, url: str, name: str, show: dict, sent_template: str | No
     conv = ([Message("system", expected.system)] if expected.system else []) + PROBE
     want = fmt.render_prompt(conv)
     want_ids = _token_ids(expected.tokenizer_json, want)
+    # the BOS llama.cpp adds to an Ollama base's prompt is in training's text, not the render
+    bos = getattr(fmt, "bos", "")
+    if bos and rendered is not None and want.startswith(bos):
+        rendered = bos + rendered
     if rendered is not None:
         if rendered != want:
             i = _first_difference(rendered, want)

@@ -155,8 +155,10 @@ def _resume_checkpoint(cfg) -> str | None:
     return None
 
 
-def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResult:
-    """Train the LoRA adapter of `cfg` into cfg.run_dir. Returns a TrainResult."""
+def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
+                host: str | None = None) -> TrainResult:
+    """Train the LoRA adapter of `cfg` into cfg.run_dir. Returns a TrainResult. `host`: the
+    Ollama daemon of an `ollama:NAME` base (default OLLAMA_HOST)."""
     from ollama_ft.hub import resolve_base
     from ollama_ft.train.distributed import check_sharding
 
@@ -175,12 +177,13 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
 
     base = base or resolve_base(cfg.base, allow_pickle=cfg.allow_pickle,
                                 trust_remote_code=cfg.trust_remote_code,
-                                chat_format=cfg.chat_format)
+                                chat_format=cfg.chat_format, host=host, log=log)
     log(f"base: {base.describe()}")
     tokenizer = load_tokenizer(base, cfg)
-    from ollama_ft.data.tokenize import verify_chat_format
+    if base.ollama is None:  # an Ollama base's TEMPLATE is the reference itself
+        from ollama_ft.data.tokenize import verify_chat_format
 
-    verify_chat_format(tokenizer, base.chat_format, str(base.repo_id or base.path))
+        verify_chat_format(tokenizer, base.chat_format, str(base.repo_id or base.path))
     train_enc, eval_enc, report, full_report = prepare_data(cfg, base, tokenizer, log)
     if main:
         write_json(run_dir / RUN_FILES["data_report"], full_report)
@@ -252,8 +255,15 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print) -> TrainResu
             "runtime_s": result.runtime_s, **_peak(), "interrupted": interrupt.interrupted,
             "adapter": str(adapter_dir) if adapter_dir else None,
             "system_prompt": report.system_prompt,
-            "trainable_parameters": trainable})
+            "trainable_parameters": trainable, **_ollama_base_entry(base)})
     return result
+
+
+def _ollama_base_entry(base) -> dict:
+    from ollama_ft.ollama_base.resolve import REPORT_KEY, report_entry
+
+    entry = report_entry(base)
+    return {REPORT_KEY: entry} if entry else {}
 
 
 def _peak():

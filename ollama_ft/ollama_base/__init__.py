@@ -1,0 +1,1 @@
+"""Bases that are models of an Ollama daemon (`--base ollama:NAME`)."""

@@ -1,0 +1,82 @@
+"""`--base ollama:NAME` as a ResolvedBase: the daemon's model, its GGUF dequantized into a
+cached checkpoint (by blob digest), and its own TEMPLATE as the chat format.
+
+A run trained on such a base records the base (`report.json` train.ollama_base); `of_run`
+gives it back, with the chat format, to the stages that follow (export, Modelfile, register,
+eval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ollama_ft.errors import BaseModelError
+from ollama_ft.ollama_base.chat import TemplateFormat, template_format
+from ollama_ft.ollama_base.source import OllamaBase, read_base
+
+REPORT_KEY = "ollama_base"  # in report.json's train section
+
+
+def special_texts(gguf_path: str | Path) -> tuple[str, str]:
+    """(BOS text if llama.cpp adds BOS to a prompt of this GGUF else "", EOS text), as the
+    daemon's llama.cpp decides them."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        vocab = llm._model.vocab
+
+        def text(tok: int) -> str:
+            if tok < 0:
+                return ""
+            return llama_cpp.llama_vocab_get_text(vocab, tok).decode("utf-8", errors="replace")
+
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        bos = text(llama_cpp.llama_vocab_bos(vocab)) if add_bos else ""
+        return bos, text(llama_cpp.llama_vocab_eos(vocab))
+    finally:
+        llm.close()
+
+
+def chat_format_of(ob: OllamaBase) -> TemplateFormat:
+    bos, eos = special_texts(ob.blob)
+    return template_format(ob.name, ob.template, ob.stops(), ob.system, bos, eos)
+
+
+def resolve_ollama_base(spec: str, host: str | None = None, log=print):
+    from ollama_ft import catalog
+    from ollama_ft.hub import ResolvedBase
+    from ollama_ft.ollama_base.checkpoint import cached_checkpoint
+
+    ob = read_base(spec, host)
+    log(f"base: {ob.name} from Ollama {ob.version} at {ob.host} ({ob.architecture}, {ob.quant}, "
+        f"{ob.digest[:19]})")
+    path = Path(cached_checkpoint(ob.blob, ob.digest, log=log))
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    hf_arch = (config.get("architectures") or ["?"])[0]
+    if hf_arch not in catalog.ARCHITECTURES:
+        raise BaseModelError(f"--base {spec}: architecture {hf_arch} is not supported")
+    short, gguf_arch = catalog.ARCHITECTURES[hf_arch]
+    fmt = chat_format_of(ob)
+    return ResolvedBase(spec, path, "ollama", None, hf_arch, short, gguf_arch, fmt,
+                        f"the TEMPLATE Ollama serves {ob.name} with", None, config, ob)
+
+
+def of_run(report: dict) -> tuple[OllamaBase, TemplateFormat] | None:
+    """The Ollama base of a run (from its report.json) and its chat format; None when the run's
+    base is not an Ollama model."""
+    raw = (report.get("train") or {}).get(REPORT_KEY)
+    if not raw:
+        return None
+    ob = OllamaBase.from_json(raw)
+    fmt = template_format(ob.name, ob.template, ob.stops(), ob.system, raw.get("bos_text", ""),
+                          raw.get("eos_text", ""))
+    return ob, fmt
+
+
+def report_entry(base) -> dict | None:
+    """What train writes into report.json for an Ollama base (None for other bases)."""
+    ob = getattr(base, "ollama", None)
+    if ob is None:
+        return None
+    return {**ob.to_json(), "bos_text": base.chat_format.bos, "eos_text": base.chat_format.eos}

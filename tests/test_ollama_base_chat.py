@@ -1,0 +1,113 @@
+"""The chat format of an Ollama base (its own TEMPLATE): what training renders, which parts
+are trained, and that the inference prompt is a prefix of every training example."""
+
+import pytest
+
+from ollama_ft.chat_formats import FORMATS, Message
+from ollama_ft.data.tokenize import trained_spans
+from ollama_ft.ollama.templates import template_for
+from ollama_ft.ollama_base.chat import template_format
+
+# an Ollama-style ChatML TEMPLATE (as SmolLM2 and Qwen models are served)
+CHATML = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+<|im_start|>{{ .Role }}
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- if and (ne .Role "assistant") $last }}<|im_end|>
+<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+# the public deepseek-r1 library template's shape: no .Thinking, ends with <｜Assistant｜>
+R1_LIBRARY = """{{- if .System }}{{ .System }}{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1}}
+{{- if eq .Role "user" }}<｜User｜>{{ .Content }}
+{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>{{- end }}
+{{- end }}"""
+
+CONVERSATIONS = [
+    [Message("user", "What is 2+2?"), Message("assistant", "4")],
+    [Message("system", "Be brief."), Message("user", "Hi 你好"), Message("assistant", "Hello!"),
+     Message("user", "Write `x = 1`\n\tthen stop."), Message("assistant", "x = 1")],
+    [Message("user", "a"), Message("assistant", "b"), Message("user", "c"),
+     Message("assistant", "d"), Message("user", "e 🙂"), Message("assistant", "f")],
+]
+
+
+def _ours(name):
+    template, params = template_for(name)
+    return template_format("x", template, params["stop"])
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1", "deepseek-r1-0528", "deepseek-llm",
+                                  "deepseek-coder"])
+def test_our_templates_render_and_train_as_the_formats(name):
+    """Given ollama-ft's own TEMPLATE of a format, the generic rule finds the same prompts, the
+    same end-of-turn texts and the same trained spans as the hand-written format."""
+    fmt, ref = _ours(name), FORMATS[name]
+    for conv in CONVERSATIONS:
+        last = max(i for i, m in enumerate(conv) if m.role == "assistant")
+        assert fmt.render_prompt(conv[:last]) == ref.render_prompt(conv[:last])
+        text, spans = trained_spans(fmt.render_training(conv))
+        ref_segs = ref.render_training(conv)
+        while not ref_segs[-1][1]:  # what follows the last answer is never trained
+            ref_segs = ref_segs[:-1]
+        ref_text, ref_spans = trained_spans(ref_segs)
+        if name == "deepseek-r1-0528":  # the format opens an empty think block, the TEMPLATE not
+            assert text == ref_text.replace("<think>\n\n</think>\n\n", "")
+            continue
+        assert text == ref_text
+        assert [text[a:b] for a, b in spans] == [ref_text[a:b] for a, b in ref_spans]
+
+
+def test_r1_reasoning_continues_the_open_think_block():
+    fmt = _ours("deepseek-r1")
+    conv = [Message("user", "17*3?"), Message("assistant", "51", reasoning="17*3 = 51.")]
+    text, spans = trained_spans(fmt.render_training(conv))
+    assert text == trained_spans(FORMATS["deepseek-r1"].render_training(conv))[0]
+    assert text.endswith("<｜Assistant｜><think>\n17*3 = 51.\n</think>\n\n51<｜end▁of▁sentence｜>")
+    assert "<think>\n<think>" not in text
+
+
+def test_chatml_train_turns_end_with_im_end_and_system_is_the_base_one():
+    fmt = template_format("smollm2", CHATML, ["<|im_end|>"], system="You are SmolLM.")
+    conv = CONVERSATIONS[2]
+    segs = fmt.render_training(conv)
+    text, spans = trained_spans(segs)
+    assert text.startswith("<|im_start|>system\nYou are SmolLM.<|im_end|>\n<|im_start|>user\na")
+    # every assistant turn trained (the TEMPLATE writes earlier ones as prompt + answer + end)
+    assert [text[a:b] for a, b in spans] == ["b<|im_end|>", "d<|im_end|>", "f<|im_end|>"]
+    prompt = fmt.render_prompt(conv[:-1])
+    assert text.startswith(prompt) and prompt.endswith("<|im_start|>assistant\n")
+    # an explicit system message replaces the base's SYSTEM, as the daemon does
+    own = fmt.render_prompt([Message("system", "Mine."), Message("user", "q")])
+    assert "You are SmolLM." not in own and "Mine." in own
+
+
+def test_library_r1_template_trains_reasoning_in_tags_and_stops_on_eos():
+    fmt = template_format("deepseek-r1:7b", R1_LIBRARY,
+                          ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
+                           "<｜Assistant｜>"], bos="<｜begin▁of▁sentence｜>")
+    conv = [Message("user", "17*3?"), Message("assistant", "51", reasoning="17*3 = 51.")]
+    text, spans = trained_spans(fmt.render_training(conv))
+    assert text == ("<｜begin▁of▁sentence｜><｜User｜>17*3?<｜Assistant｜>"
+                    "<think>\n17*3 = 51.\n</think>\n\n51<｜end▁of▁sentence｜>")
+    assert text[spans[-1][0]:] == "<think>\n17*3 = 51.\n</think>\n\n51<｜end▁of▁sentence｜>"
+
+
+def test_template_without_stops_ends_turns_with_eos():
+    fmt = template_format("m", "{{ .Prompt }}", [], eos="</s>")
+    text, spans = trained_spans(fmt.render_training([Message("user", "q"),
+                                                     Message("assistant", "a")]))
+    assert text == "qa</s>" and text[spans[0][0]:] == "a</s>"
+
+
+def test_a_broken_template_is_a_clear_error():
+    from ollama_ft.errors import BaseModelError
+
+    with pytest.raises(BaseModelError, match="ollama:bad: its TEMPLATE cannot be rendered"):
+        template_format("bad", "{{ if }}", ["x"])
