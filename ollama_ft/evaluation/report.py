@@ -6,7 +6,8 @@ from pathlib import Path
 
 SHOWN_ANSWERS = 20
 METRICS = (("loss", "held-out loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
-           ("exact_match", "exact match", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.3f}"))
+           ("exact_match", "exact match", "{:.1%}"), ("rouge_l", "ROUGE-L", "{:.3f}"),
+           ("bleu_4", "BLEU-4", "{:.3f}"))
 
 
 def write_markdown(path: Path, result: dict, answers: list[dict]) -> Path:
@@ -16,7 +17,8 @@ def write_markdown(path: Path, result: dict, answers: list[dict]) -> Path:
              f"`{result['files']['base']}` and `{result['files']['fine_tuned']}`; answers are "
              "greedy.", "", "| | base | fine-tuned |", "|---|---:|---:|"]
     for key, label, fmt in METRICS:
-        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(f[key])} |")
+        if key in b and key in f:
+            lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(f[key])} |")
     lines += ["", f"## Answers (first {min(SHOWN_ANSWERS, len(answers))} of {len(answers)})", "",
               "| question | expected | base | fine-tuned |", "|---|---|---|---|"]
     for a in answers[:SHOWN_ANSWERS]:
@@ -44,13 +46,15 @@ def plot(path: Path, result: dict) -> Path:
     bars = ax1.bar(["base", "fine-tuned"], [b["loss"], f["loss"]], color=colors)
     ax1.bar_label(bars, fmt="%.3f")
     ax1.set_title("loss at the answers (lower is better)")
-    x = range(2)
+    keys = [k for k in ("exact_match", "rouge_l", "bleu_4") if k in b and k in f]
+    x = range(len(keys))
     w = 0.38
     for i, (name, r) in enumerate((("base", b), ("fine-tuned", f))):
-        vals = [r["exact_match"], r["rouge_l"]]
+        vals = [r[k] for k in keys]
         bars = ax2.bar([k + (i - 0.5) * w for k in x], vals, w, label=name, color=colors[i])
         ax2.bar_label(bars, fmt="%.2f")
-    ax2.set_xticks(list(x), ["exact match", "ROUGE-L"])
+    ax2.set_xticks(list(x), [{"exact_match": "exact match", "rouge_l": "ROUGE-L",
+                              "bleu_4": "BLEU-4"}[k] for k in keys])
     ax2.set_ylim(0, 1.1)
     ax2.set_title(f"greedy answers, {result['count']} examples")
     ax2.legend(loc="upper left")

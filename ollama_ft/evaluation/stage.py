@@ -76,7 +76,7 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     from ollama_ft.chat_formats import FORMATS
     from ollama_ft.data.tokenize import encode_prompt
     from ollama_ft.evaluation.gguf_model import GGUFModel
-    from ollama_ft.evaluation.metrics import answer_of, exact_match, rouge_l
+    from ollama_ft.evaluation.metrics import answer_of, bleu_4, exact_match, rouge_l
     from ollama_ft.evaluation.report import plot, write_markdown
     from ollama_ft.export.stage import read_run
 
@@ -135,10 +135,11 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
         n = len(examples)
         results[key] = {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700)), 4),
                         "exact_match": round(em / n, 4), "rouge_l": round(rl / n, 4),
+                        "bleu_4": round(bleu_4(outs, [r[1] for r in refs]), 4),
                         "count": n, "tokens": int(count)}
         answers[key] = outs
         log(f"  {key.replace('_', '-'):>10}: loss {loss:.4f}  perplexity {results[key]['perplexity']:.2f}"
-            f"  exact match {em / n:.1%}  ROUGE-L {rl / n:.3f}")
+            f"  exact match {em / n:.1%}  ROUGE-L {rl / n:.3f}  BLEU-4 {results[key]['bleu_4']:.3f}")
     rows = [{"question": question, "expected": expected, "base": b, "fine_tuned": f}
             for (question, expected), b, f in zip(refs, answers["base"], answers["fine_tuned"])]
     result = {**results, "run": info.name, "quant": q, "source": source, "count": len(examples),

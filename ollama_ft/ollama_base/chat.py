@@ -25,12 +25,17 @@ class TemplateFormat(ChatFormat):
     template: str = ""
     bos: str = ""  # BOS text the daemon's llama.cpp adds before the prompt (add_bos_token)
     eos: str = ""  # the tokenizer's EOS text: the end of a turn when nothing else says
+    bos_token: str = ""  # the BOS token's text, for a Jinja template's `bos_token`
+
+    @property
+    def jinja(self) -> bool:
+        """The daemon serves the GGUF's own (Jinja) chat template: Ollama >= 0.30 prefers it
+        when it claims more capabilities than the Go TEMPLATE (its /api/show then shows it)."""
+        return is_jinja(self.template)
 
     # --- rendering, as the daemon does -----------------------------------------------
     def _prompt_template(self):
-        from ollama_ft.serve.prompt import PromptTemplate
-
-        return PromptTemplate(self.template)
+        return prompt_template(self.template, self.bos_token, self.eos)
 
     def _with_system(self, messages: list[Message]) -> list[Message]:
         if self.default_system and not any(m.role == "system" for m in messages):
@@ -57,7 +62,7 @@ class TemplateFormat(ChatFormat):
         probe = list(messages[:k]) + [m for m in messages[k:] if m.role == "system"]
         try:
             text = self._render(probe + [Message("assistant", _PROBE), Message("user", "?")])
-        except ValueError:
+        except Exception:  # noqa: BLE001 - a template that refuses this shape: no frame
             text = ""
         before, _, after = text.partition(_PROBE)
         return before, after
@@ -107,18 +112,31 @@ class TemplateFormat(ChatFormat):
         return [s for s in segs if s[0]]
 
 
-def template_format(name: str, template: str, stops, system: str = "", bos: str = "",
-                    eos: str = "") -> TemplateFormat:
-    """The chat format of an Ollama model `name` with this TEMPLATE, stops and SYSTEM."""
-    from ollama_ft.serve.prompt import PromptTemplate
+def is_jinja(template: str) -> bool:
+    return "{%" in template  # Go templates have no {% %} blocks
 
+
+def prompt_template(template: str, bos_token: str = "", eos_token: str = ""):
+    """The renderer the daemon uses for this template: Go TEMPLATE or the GGUF's Jinja."""
+    from ollama_ft.serve.prompt import JinjaPrompt, PromptTemplate
+
+    if is_jinja(template):
+        return JinjaPrompt(template, bos_token, eos_token)
+    return PromptTemplate(template)
+
+
+def template_format(name: str, template: str, stops, system: str = "", bos: str = "",
+                    eos: str = "", bos_token: str = "") -> TemplateFormat:
+    """The chat format of an Ollama model `name` with this TEMPLATE, stops and SYSTEM."""
     try:
-        PromptTemplate(template).render([{"role": "user", "content": "hi"}])
-    except ValueError as e:
+        renderer = prompt_template(template, bos_token, eos)
+        renderer.render([{"role": "user", "content": "hi"}])
+    except Exception as e:  # noqa: BLE001 - Go template or jinja2 errors, both the daemon's text
         from ollama_ft.errors import BaseModelError
 
         raise BaseModelError(f"ollama:{name}: its TEMPLATE cannot be rendered ({e})") from None
     stops = tuple(s for s in stops if s) or ((eos,) if eos else ())
     return TemplateFormat(f"ollama:{name}", f"the TEMPLATE {name} is served with",
-                          stops=stops, thinking=PromptTemplate(template).thinking,
-                          default_system=system or None, template=template, bos=bos, eos=eos)
+                          stops=stops, thinking=renderer.thinking,
+                          default_system=system or None, template=template, bos=bos, eos=eos,
+                          bos_token=bos_token)

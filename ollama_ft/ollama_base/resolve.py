@@ -17,9 +17,9 @@ from ollama_ft.ollama_base.source import OllamaBase, read_base
 REPORT_KEY = "ollama_base"  # in report.json's train section
 
 
-def special_texts(gguf_path: str | Path) -> tuple[str, str]:
-    """(BOS text if llama.cpp adds BOS to a prompt of this GGUF else "", EOS text), as the
-    daemon's llama.cpp decides them."""
+def special_texts(gguf_path: str | Path) -> tuple[str, str, str]:
+    """(BOS text if llama.cpp adds BOS to a prompt of this GGUF else "", EOS text, BOS text),
+    as the daemon's llama.cpp decides them."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
@@ -32,15 +32,15 @@ def special_texts(gguf_path: str | Path) -> tuple[str, str]:
             return llama_cpp.llama_vocab_get_text(vocab, tok).decode("utf-8", errors="replace")
 
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        bos = text(llama_cpp.llama_vocab_bos(vocab)) if add_bos else ""
-        return bos, text(llama_cpp.llama_vocab_eos(vocab))
+        bos = text(llama_cpp.llama_vocab_bos(vocab))
+        return (bos if add_bos else ""), text(llama_cpp.llama_vocab_eos(vocab)), bos
     finally:
         llm.close()
 
 
 def chat_format_of(ob: OllamaBase) -> TemplateFormat:
-    bos, eos = special_texts(ob.blob)
-    return template_format(ob.name, ob.template, ob.stops(), ob.system, bos, eos)
+    bos, eos, bos_token = special_texts(ob.blob)
+    return template_format(ob.name, ob.template, ob.stops(), ob.system, bos, eos, bos_token)
 
 
 def resolve_ollama_base(spec: str, host: str | None = None, log=print):
@@ -70,7 +70,7 @@ def of_run(report: dict) -> tuple[OllamaBase, TemplateFormat] | None:
         return None
     ob = OllamaBase.from_json(raw)
     fmt = template_format(ob.name, ob.template, ob.stops(), ob.system, raw.get("bos_text", ""),
-                          raw.get("eos_text", ""))
+                          raw.get("eos_text", ""), raw.get("bos_token", ""))
     return ob, fmt
 
 
@@ -79,4 +79,5 @@ def report_entry(base) -> dict | None:
     ob = getattr(base, "ollama", None)
     if ob is None:
         return None
-    return {**ob.to_json(), "bos_text": base.chat_format.bos, "eos_text": base.chat_format.eos}
+    fmt = base.chat_format
+    return {**ob.to_json(), "bos_text": fmt.bos, "eos_text": fmt.eos, "bos_token": fmt.bos_token}
