@@ -43,7 +43,7 @@ def upload(url: str, path: Path) -> str:
 
 
 def store_bytes(home: Path) -> int:
-    return sum(p.stat().st_size for p in (home / "blobs").iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in (home / "models" / "blobs").iterdir() if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
-    train, held = smollm2.extraction_task(n_train=240, n_eval=24, seed=0)
+    train, held = smollm2.extraction_task(n_train=120, n_eval=12, seed=0)
     return (smollm2.write_jsonl(root / "train.jsonl", train),
             smollm2.write_jsonl(root / "held-out.jsonl", held), held)
 
@@ -99,7 +99,7 @@ def test_fine_tune_from_the_bridge_learns_the_task(served, task, tmp_path):
     run = tmp_path / "run"
     cli("train", "--base", "ollama:smollm2", "--data", str(train_file), "--name", "smol-extract",
         "--output-dir", str(run), "--host", server.url, "--eval-data", str(held_file),
-        "--epochs", "2", "--lr", "1e-3", "--batch-size", "8", "--max-len", "256",
+        "--epochs", "1", "--lr", "1e-3", "--batch-size", "8", "--max-len", "256",
         "--lora-dropout", "0", "--report-to", "none", "--save-steps", "1000")
     report = json.loads((run / "report.json").read_text())
     base = report["train"]["ollama_base"]

@@ -53,6 +53,30 @@ def ollama_url(host: str | None = None) -> str:
     return f"{scheme}://{hostname}:{port}{path}"
 
 
+# a job worker's token (bridge URL, token): jobworker.py sets it from its stdin
+_BRIDGE_TOKEN: tuple[str, str] | None = None
+
+
+def use_bridge_token(url: str, token: str) -> None:
+    """A job worker's token, good only at the bridge that started it."""
+    global _BRIDGE_TOKEN
+    _BRIDGE_TOKEN = (ollama_url(url), token)
+
+
+def auth_headers(url: str) -> dict:
+    """The Authorization header for `url`, only if it is the bridge a key is for: a job
+    worker's token goes only to its bridge; OLLAMA_FT_API_KEY only to OLLAMA_FT_API_KEY_HOST
+    (default OLLAMA_HOST, else the bridge's default 127.0.0.1:11435). A plain Ollama daemon
+    needs no key; any other host gets none."""
+    url = ollama_url(url)
+    if _BRIDGE_TOKEN is not None:
+        return {"Authorization": f"Bearer {_BRIDGE_TOKEN[1]}"} if url == _BRIDGE_TOKEN[0] else {}
+    key = os.environ.get("OLLAMA_FT_API_KEY")
+    bridge = (os.environ.get("OLLAMA_FT_API_KEY_HOST") or os.environ.get("OLLAMA_HOST")
+              or "127.0.0.1:11435")
+    return {"Authorization": f"Bearer {key}"} if key and url == ollama_url(bridge) else {}
+
+
 @dataclass
 class RegisterResult:
     name: str
@@ -132,9 +156,8 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
             how = "export --adapter-only" if modelfile.adapter else "export"
             raise OllamaError(f"{path}: missing; run `ollama-ft {how} {run_dir}` first")
         files[field_name] = path
-    # the ollama-ft bridge can require a key; a plain Ollama daemon ignores the header
-    key = os.environ.get("OLLAMA_FT_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    # the ollama-ft bridge can require a key: sent only to the bridge it is for
+    headers = auth_headers(url)
     client = ollama.Client(host=url, timeout=httpx.Timeout(600.0, connect=5.0), headers=headers)
     try:
         version = httpx.get(f"{url}/api/version", timeout=5.0, headers=headers).json().get("version", "?")

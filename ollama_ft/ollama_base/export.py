@@ -102,7 +102,7 @@ def _lora_deltas(adapter, config: dict, spec, name_map) -> dict:
         if gname is None:
             raise ExportError(f"{adapter.dir}: the adapter changes {target}, which has no place "
                               f"in a {spec.gguf_arch} GGUF")
-        out[gname + ".weight"] = (target, m)
+        out[gname] = (target, m)  # the target is the weight itself: blk.N.attn_q.weight
     return out
 
 

@@ -73,12 +73,10 @@ def model_name(spec: str) -> str:
 def _client(host: str | None):
     import httpx
 
-    from ollama_ft.ollama.client import ollama_url
+    from ollama_ft.ollama.client import auth_headers, ollama_url
 
     url = ollama_url(host)
-    key = os.environ.get("OLLAMA_FT_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return url, httpx.Client(base_url=url, headers=headers, timeout=60.0)
+    return url, httpx.Client(base_url=url, headers=auth_headers(url), timeout=60.0)
 
 
 def _unreachable(url: str, e: Exception) -> BaseModelError:

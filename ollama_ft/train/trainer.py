@@ -68,8 +68,8 @@ class Collator:
         mask = torch.zeros((len(batch), n), dtype=torch.long)
         for i, b in enumerate(batch):
             k = len(b["input_ids"])
-            ids[i, :k] = torch.tensor(b["input_ids"])
-            labels[i, :k] = torch.tensor(b["labels"])
+            ids[i, :k] = torch.as_tensor(b["input_ids"])
+            labels[i, :k] = torch.as_tensor(b["labels"])
             mask[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -81,23 +81,29 @@ def load_tokenizer(base, cfg: RunConfig):
 
 
 def prepare_data(cfg: RunConfig, base, tokenizer, log=print):
-    """Check every file before anything trains; returns (train, eval, report)."""
+    """Check every file before anything trains; returns (train, eval, report, full report):
+    train and eval are views of the token store (data/store.py), not lists of tokens."""
     from ollama_ft.data.check import check_data
 
-    _, encoded, report = check_data(cfg.data, tokenizer, base.chat_format, cfg.max_len, cfg.format)
-    eval_enc, eval_report = [], None
+    _, encoded, report = check_data(cfg.data, tokenizer, base.chat_format, cfg.max_len,
+                                    cfg.format, log=log)
+    eval_enc, eval_report = encoded.select([]), None
     if cfg.eval_data:
         _, eval_enc, eval_report = check_data(cfg.eval_data, tokenizer, base.chat_format,
-                                              cfg.max_len, cfg.format)
+                                              cfg.max_len, cfg.format, log=log)
     elif cfg.eval_split:
+        import numpy as np
+
         from ollama_ft.data.split import eval_indices
 
         eval_idx = eval_indices(len(encoded), cfg.eval_split, cfg.seed)
         if len(eval_idx) >= len(encoded):
             raise ConfigError(f"eval_split {cfg.eval_split} leaves no training examples "
                               f"({len(encoded)} in all)")
-        eval_enc = [e for i, e in enumerate(encoded) if i in eval_idx]
-        encoded = [e for i, e in enumerate(encoded) if i not in eval_idx]
+        held = np.zeros(len(encoded), dtype=bool)
+        held[np.fromiter(eval_idx, dtype=np.int64, count=len(eval_idx))] = True
+        eval_enc = encoded.select(np.flatnonzero(held))  # in data order, as before
+        encoded = encoded.select(np.flatnonzero(~held))
     full = {"train": report.to_json(), "train_examples": len(encoded),
             "eval_examples": len(eval_enc)}
     if eval_report:
@@ -303,7 +309,8 @@ def _trainer_class():
 def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision, callbacks):
     from transformers import EarlyStoppingCallback, TrainingArguments
 
-    from ollama_ft.train.packing import PackedCollator, pack
+    from ollama_ft.train.dataset import PackedDataset, TokenDataset
+    from ollama_ft.train.packing import PackedCollator
 
     from ollama_ft.train.callbacks import (InterruptCallback, MetricsCallback, ProgressCallback,
                                            report_callbacks)
@@ -355,13 +362,13 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
     if has_eval and cfg.early_stopping_patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_enc]
-    eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in eval_enc]
-    if cfg.packing:
-        rows, eval_rows = pack(rows, cfg.max_len), pack(eval_rows, cfg.max_len)
+    if cfg.packing:  # rows of examples, read from the token store batch by batch
+        rows, eval_rows = PackedDataset(train_enc, cfg.max_len), PackedDataset(eval_enc, cfg.max_len)
+    else:
+        rows, eval_rows = TokenDataset(train_enc), TokenDataset(eval_enc)
     trainer = _trainer_class()(
         model=model, args=args, data_collator=PackedCollator(pad_id) if cfg.packing else Collator(pad_id),
-        train_dataset=rows, eval_dataset=eval_rows or None, callbacks=cbs)
+        train_dataset=rows, eval_dataset=eval_rows if len(eval_rows) else None, callbacks=cbs)
     # the default console printer duplicates our bar
     from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
 
