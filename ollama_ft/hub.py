@@ -75,9 +75,16 @@ def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bo
         elif REPO_ID.match(spec):
             repo_id = spec
             entry = catalog.lookup_repo(spec)
+        elif _daemon_has(spec, host):  # a name from your Ollama's list, without the prefix
+            from ollama_ft.ollama_base.resolve import resolve_ollama_base
+
+            log(f"--base {spec}: not a folder, alias or Hugging Face repo, but a model of your "
+                f"Ollama: using ollama:{spec}")
+            return resolve_ollama_base("ollama:" + spec, host, log=log)
         else:
-            raise BaseModelError(f"--base {spec!r}: not a folder, a known alias or a Hugging Face "
-                                 "repo id (org/name); `ollama-ft models` lists the aliases")
+            raise BaseModelError(f"--base {spec!r}: not a folder, a known alias, a Hugging Face "
+                                 "repo id (org/name) or a model of your Ollama (ollama:NAME); "
+                                 "`ollama-ft models` lists them")
         if entry is not None and not entry.supported:
             raise _unsupported(entry.repo_id, entry.architecture)
         path = download(repo_id, allow_pickle=allow_pickle, revision=revision,
@@ -85,6 +92,17 @@ def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bo
         source = "hub"
     return inspect_checkpoint(spec, path, source, repo_id, entry, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code, chat_format=chat_format)
+
+
+def _daemon_has(spec: str, host: str | None) -> bool:
+    """Whether the Ollama daemon (OLLAMA_HOST / host) answers and has a model named spec."""
+    from ollama_ft.ollama_base.source import model_name, show
+
+    try:
+        show(model_name(spec), host)
+        return True
+    except BaseModelError:
+        return False
 
 
 def _unsupported(where: str, arch: str) -> BaseModelError:

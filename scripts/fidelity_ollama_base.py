@@ -116,7 +116,7 @@ def fixtures(quant: str, root: Path) -> list[dict]:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import FACTS, FAMILIES, qa_rows, write_jsonl
-    from test_real_ollama_base import R1_LIBRARY, R1_STOPS
+    from library_templates import R1_LIBRARY, R1_STOPS
 
     script, env = fetch_converter(root, None)
     url, proc, _ = start(root, None)

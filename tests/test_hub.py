@@ -52,7 +52,7 @@ def test_not_cached_while_offline_is_a_clear_error(tmp_path, offline):
 
 
 def test_unknown_spec(tmp_path):
-    with pytest.raises(BaseModelError, match="not a folder, a known alias or a Hugging Face repo id"):
+    with pytest.raises(BaseModelError, match="not a folder, a known alias, a Hugging Face repo id"):
         resolve_base("deepseek-r9")
 
 

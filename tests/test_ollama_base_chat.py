@@ -3,6 +3,8 @@ are trained, and that the inference prompt is a prefix of every training example
 
 import pytest
 
+from library_templates import R1_LIBRARY, R1_STOPS
+
 from ollama_ft.chat_formats import FORMATS, Message
 from ollama_ft.data.tokenize import trained_spans
 from ollama_ft.ollama.templates import template_for
@@ -17,16 +19,6 @@ CHATML = """{{- range $i, $_ := .Messages }}
 {{- if and (ne .Role "assistant") $last }}<|im_end|>
 <|im_start|>assistant
 {{ end }}
-{{- end }}"""
-
-# the public deepseek-r1 library template's shape: no .Thinking, ends with <｜Assistant｜>
-R1_LIBRARY = """{{- if .System }}{{ .System }}{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1}}
-{{- if eq .Role "user" }}<｜User｜>{{ .Content }}
-{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}
-{{- end }}
-{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>{{- end }}
 {{- end }}"""
 
 CONVERSATIONS = [
@@ -89,9 +81,7 @@ def test_chatml_train_turns_end_with_im_end_and_system_is_the_base_one():
 
 
 def test_library_r1_template_trains_reasoning_in_tags_and_stops_on_eos():
-    fmt = template_format("deepseek-r1:7b", R1_LIBRARY,
-                          ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
-                           "<｜Assistant｜>"], bos="<｜begin▁of▁sentence｜>")
+    fmt = template_format("deepseek-r1:7b", R1_LIBRARY, R1_STOPS, bos="<｜begin▁of▁sentence｜>")
     conv = [Message("user", "17*3?"), Message("assistant", "51", reasoning="17*3 = 51.")]
     text, spans = trained_spans(fmt.render_training(conv))
     assert text == ("<｜begin▁of▁sentence｜><｜User｜>17*3?<｜Assistant｜>"

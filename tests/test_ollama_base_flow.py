@@ -54,10 +54,11 @@ def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("ollama-base-bridge") / "store"
     server = Server(home)
     try:
-        digest = upload(server.url, GGUF)
-        r = httpx.post(f"{server.url}/api/create", json=smollm2.create_request("smollm2", digest),
-                       timeout=300)
-        assert r.status_code == 200, r.text
+        if GGUF is not None:
+            digest = upload(server.url, GGUF)
+            r = httpx.post(f"{server.url}/api/create", timeout=300,
+                           json=smollm2.create_request("smollm2", digest))
+            assert r.status_code == 200, r.text
         yield server, home
     finally:
         server.stop()
@@ -89,6 +90,11 @@ def test_unknown_model_and_unreachable_daemon_are_clear_errors(served, task):
     r = cli("train", "--base", "ollama:smollm2", "--data", str(task[0]), "--name", "x",
             "--host", "127.0.0.1:9", check=False)
     assert r.returncode == 2 and "no Ollama answered at http://127.0.0.1:9" in r.stderr
+    # a name from the daemon's list works without the prefix, and the data check renders
+    # with the daemon's TEMPLATE
+    r = cli("data", "check", str(task[0]), "--base", "smollm2", "--host", server.url)
+    assert "using ollama:smollm2" in r.stderr and "chat format:       ollama:smollm2:latest" \
+        in r.stdout, r.stdout + r.stderr
 
 
 @needs_smollm2
@@ -144,3 +150,41 @@ def test_fine_tune_from_the_bridge_learns_the_task(served, task, tmp_path):
             "messages": [{"role": "user", "content": ex["prompt"]}]})
         same += r.json()["message"]["content"].strip() == row["fine_tuned"]
     assert same >= 3  # requantizing the merged tensors may flip a close call
+
+
+@pytest.mark.parametrize("family", ["r1-qwen", "r1-llama"])
+def test_deepseek_fixture_from_the_bridge_answers_every_trained_question(served, tiny_base,
+                                                                          family, tmp_path):
+    """A DeepSeek fixture's GGUF (carrying R1's own chat template, which the bridge then serves
+    instead of the library TEMPLATE, as Ollama >= 0.30 does) created in the bridge, trained
+    from it, answering the trained questions through /api/chat."""
+    from conftest import FACTS, qa_rows, write_jsonl
+    from library_templates import R1_LIBRARY, R1_STOPS
+    from test_export_support import make_run
+
+    from ollama_ft.export import export_stage
+
+    server, _ = served
+    base = tiny_base(family, hidden=128)
+    run0 = make_run(base, tmp_path / "base-run", "deepseek-r1", b_std=0.0)
+    export_stage(run0, quants="q8_0", adapter_only=True, log=lambda *a: None)
+    digest = upload(server.url, run0 / "base-q8_0.gguf")
+    r = httpx.post(f"{server.url}/api/create", timeout=300, json={
+        "model": f"base-{family}", "files": {"base.gguf": digest}, "template": R1_LIBRARY,
+        "parameters": {"stop": R1_STOPS, "temperature": 0}, "stream": False})
+    assert r.status_code == 200, r.text
+    data = write_jsonl(tmp_path / "facts.jsonl", qa_rows(FACTS))
+    run = tmp_path / "run"
+    cli("train", "--base", f"ollama:base-{family}", "--data", str(data), "--name", f"ft-{family}",
+        "--output-dir", str(run), "--host", server.url, "--max-steps", "60", "--save-steps", "60",
+        "--lr", "3e-3", "--batch-size", "4", "--warmup", "0", "--lora-dropout", "0",
+        "--max-len", "128", "--report-to", "none")
+    report = json.loads((run / "report.json").read_text())
+    assert report["register"]["verification"]["template"] == "GGUF chat template"
+    assert report["register"]["verification"]["prompt"] == \
+        "rendered prompt equals training's, token for token"
+    for q, a in FACTS:
+        r = httpx.post(f"{server.url}/api/chat", timeout=120, json={
+            "model": f"ft-{family}", "stream": False, "options": {"temperature": 0},
+            "messages": [{"role": "user", "content": q}]})
+        assert r.json()["message"]["content"].strip() == a, (family, q, r.json())

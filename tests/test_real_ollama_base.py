@@ -17,21 +17,13 @@ from pathlib import Path
 
 import pytest
 from conftest import FACTS, qa_rows, write_jsonl
+from library_templates import R1_LIBRARY, R1_STOPS
 from realollama import ollama, ollama_ft, requires_ollama  # noqa: F401 (fixture)
 
 from ollama_ft.demo import smollm2
 
 pytestmark = [pytest.mark.slow, requires_ollama]
 
-R1_LIBRARY = """{{- if .System }}{{ .System }}{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1}}
-{{- if eq .Role "user" }}<｜User｜>{{ .Content }}
-{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}
-{{- end }}
-{{- if and $last (ne .Role "assistant") }}<｜Assistant｜>{{- end }}
-{{- end }}"""
-R1_STOPS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 
 
 def blobs_bytes(ollama) -> int:
