@@ -127,3 +127,63 @@ def test_chunked_cross_entropy_in_bf16_keeps_the_gradient_of_confident_tokens():
     assert hb.grad.dtype == torch.bfloat16
     # no worse than plain bf16 autograd (rounding softmax @ W to bf16 first was 3x worse)
     assert err(hb.grad) <= 1.25 * err(hs.grad), (err(hb.grad), err(hs.grad))
+
+
+def _first_fit_reference(lengths, max_len):
+    """The plain first-fit-decreasing that pack_rows must reproduce row for row."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows, room = [], []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def test_pack_rows_is_first_fit_decreasing_row_for_row():
+    import random
+
+    from ollama_ft.train.packing import pack_rows
+
+    rng = random.Random(0)
+    for n, max_len in ((1, 8), (7, 8), (300, 64), (2000, 512)):
+        lengths = [rng.randint(1, max_len) if rng.random() < 0.2 else rng.randint(1, max_len // 4)
+                   for _ in range(n)]
+        got = [r.tolist() for r in pack_rows(lengths, max_len)]
+        assert got == _first_fit_reference(lengths, max_len)
+        assert all(sum(lengths[i] for i in r) <= max_len for r in got)
+
+
+def test_packed_dataset_reads_the_rows_pack_makes_from_the_store(tiny_base, tmp_path, monkeypatch):
+    """Training packs from the memory-mapped store: the same rows as pack() on lists."""
+    import numpy as np
+
+    from ollama_ft.data.check import check_data
+    from ollama_ft.train.dataset import PackedDataset, TokenDataset
+    from tests.conftest import qa_rows, write_jsonl
+
+    monkeypatch.setenv("OLLAMA_FT_CACHE", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(tiny_base("r1-qwen"))
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(FACTS + [(q + "?", a * 3) for q, a in FACTS]))
+    _, store, _ = check_data(data, tok, FORMATS["deepseek-r1"], 48)
+    assert isinstance(store._ids, np.memmap)  # the tokens stay on disk
+    lists = [{"input_ids": e.input_ids, "labels": e.labels} for e in store]
+    ds = PackedDataset(store, 48)
+    ref = pack(lists, 48)
+    assert len(ds) == len(ref) > 1
+    for i, row in enumerate(ref):
+        got = ds[i]
+        assert {k: v.tolist() for k, v in got.items()} == row
+    view = store.select([5, 0, 2])
+    plain = TokenDataset(view)
+    assert [plain[i]["input_ids"].tolist() for i in range(3)] == [lists[5]["input_ids"],
+                                                                  lists[0]["input_ids"],
+                                                                  lists[2]["input_ids"]]
+    batch = PackedCollator(0)([ds[0], ds[1]])
+    assert batch["input_ids"].shape[0] == 2 and int(batch["num_real_tokens"]) == sum(
+        len(ds[i]["input_ids"]) for i in range(2))

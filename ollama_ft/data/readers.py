@@ -3,6 +3,11 @@
 A location is what an error message names: `file:line` for JSONL and CSV, `file: item N`
 for JSON, `file: row N` for Parquet. Bad bytes and bad syntax raise DataError at once with
 the location; nothing is read past the first unreadable line.
+
+Records are numbered (the line, item or row number of the location) so that a location can
+be written again from the number alone (`location`). JSONL is read line by line and can be
+cut into byte ranges that start at a line (`jsonl_ranges`) and read alone
+(`read_jsonl_range`): how several processes read one file without passing its text around.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ollama_ft.errors import DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
             ".parquet": "parquet", ".pq": "parquet"}
+BOM = b"\xef\xbb\xbf"
 
 
 def file_kind(path: Path) -> str:
@@ -27,46 +33,108 @@ def file_kind(path: Path) -> str:
     return kind
 
 
+def location(path, kind: str, num: int) -> str:
+    """What an error message calls record `num` of a `kind` file."""
+    if kind == "json":
+        return f"{path}: item {num}"
+    if kind == "parquet":
+        return f"{path}: row {num}"
+    return f"{path}:{num}"
+
+
+def checked_file(path: str | Path) -> tuple[Path, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return path, file_kind(path)
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    path, kind = checked_file(path)
+    for num, _, record in iter_records(path, kind):
+        yield location(path, kind, num), record
+
+
+def iter_records(path: Path, kind: str) -> Iterator[tuple[int, int, object]]:
+    """(number, byte offset or -1, record) of every record of the file."""
+    if kind == "jsonl":
+        yield from read_jsonl_range(path, 0, path.stat().st_size, 1)
+    elif kind == "parquet":
+        for num, rec in _read_parquet(path):
+            yield num, -1, rec
+    else:
+        text = _decode(path)
+        rows = _read_json(path, text) if kind == "json" else _read_csv(path, text)
+        for num, rec in rows:
+            yield num, -1, rec
+
+
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
-                        f"{e.start}); re-save the file as UTF-8") from None
+        raise _not_utf8(path, raw[:e.start].count(b"\n") + 1, raw[e.start], e.start) from None
     return text
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    kind = file_kind(path)
-    if kind == "parquet":
-        yield from _read_parquet(path)
-        return
-    text = _decode(path)
-    if kind == "jsonl":
-        yield from _read_jsonl(path, text)
-    elif kind == "json":
-        yield from _read_json(path, text)
-    else:
-        yield from _read_csv(path, text)
+def _not_utf8(path, line: int, byte: int, offset: int) -> DataError:
+    return DataError(f"{path}:{line}: not UTF-8 (byte 0x{byte:02x} at offset {offset}); re-save "
+                     "the file as UTF-8")
 
 
-def _read_jsonl(path: Path, text: str):
-    for n, line in enumerate(io.StringIO(text), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            yield f"{path}:{n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); each "
-                            "line must be one JSON object") from None
+# --- JSONL ----------------------------------------------------------------------------------
+def jsonl_ranges(path: Path, target_bytes: int = 1 << 20) -> Iterator[tuple[int, int, int]]:
+    """(start, end, first line number) of consecutive byte ranges of about target_bytes that
+    begin at a line; together they cover the file."""
+    start, line, pos = 0, 1, 0
+    with open(path, "rb") as f:
+        while block := f.read(target_bytes):
+            cut = block.rfind(b"\n")
+            if cut >= 0:  # (a line longer than a block runs on into the next range)
+                end = pos + cut + 1
+                yield start, end, line
+                line += block.count(b"\n")  # the carried tail of the last block has none
+                start = end
+            pos += len(block)
+    if start < pos:
+        yield start, pos, line
 
 
+def read_jsonl_range(path: Path, start: int, end: int, first_line: int
+                     ) -> Iterator[tuple[int, int, object]]:
+    """(line number, byte offset, record) of the lines in [start, end), read line by line."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        here, n = start, first_line
+        while here < end:
+            raw = f.readline()
+            if not raw:
+                break
+            at, here = here, here + len(raw)
+            if at == 0 and raw.startswith(BOM):
+                raw, at = raw[len(BOM):], len(BOM)
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, n, raw[e.start], at + e.start) from None
+            if line:
+                try:
+                    yield n, at, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); "
+                                    "each line must be one JSON object") from None
+            n += 1
+
+
+def read_jsonl_line(path: Path, offset: int) -> object:
+    """The record of the line at a byte offset that read_jsonl_range gave."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return json.loads(f.readline().decode("utf-8"))
+
+
+# --- JSON, CSV, Parquet ---------------------------------------------------------------------
 def _read_json(path: Path, text: str):
     try:
         doc = json.loads(text)
@@ -77,9 +145,8 @@ def _read_json(path: Path, text: str):
     if not isinstance(doc, list):
         raise DataError(f"{path}: a JSON file must hold a list of records or an object with a "
                         "'data' list")
-    # Name items by the line they start on when we can find it cheaply, else by index.
     for i, rec in enumerate(doc):
-        yield f"{path}: item {i + 1}", rec
+        yield i + 1, rec
 
 
 def _read_csv(path: Path, text: str):
@@ -92,7 +159,7 @@ def _read_csv(path: Path, text: str):
             raise DataError(f"{path}:{line}: more values than the header has columns")
         if not any((v or "").strip() for v in row.values()):
             continue
-        yield f"{path}:{line}", {k: _maybe_json(v) for k, v in row.items() if k}
+        yield line, {k: _maybe_json(v) for k, v in row.items() if k}
 
 
 def _maybe_json(value: str | None):
@@ -114,8 +181,13 @@ def _read_parquet(path: Path):
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        num = 0
+        for batch in batches:
+            for rec in batch.to_pylist():
+                num += 1
+                yield num, rec
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    for i, rec in enumerate(table.to_pylist()):
-        yield f"{path}: row {i + 1}", rec
