@@ -16,13 +16,14 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXPECTED_FORMAT, FAMILIES
+from conftest import EXPECTED_FORMAT
 from test_export_support import TEXTS
 
 from ollama_ft.chat_formats import BOS, FORMATS, Message
@@ -221,6 +222,26 @@ def test_tokenizer_tokenizes_like_llama_cpp_and_the_original(converted, family):
 
 
 @pytest.mark.slow
+def test_export_takes_the_checkpoint_back_to_the_same_gguf(converted, tmp_path):
+    """The checkpoint is a base the rest of ollama-ft takes: export writes it back as the GGUF
+    it came from, tensor for tensor (llama: q/k permuted again, rope_freqs regenerated from
+    the rope scaling rebuilt in config.json) and with the same vocabulary."""
+    import gguf
+
+    _, gguf_path, out = converted("r1-llama")
+    again = write_base_gguf(out, tmp_path / "again.gguf", "F32", EXPECTED_FORMAT["r1-llama"])
+    a, b = gguf.GGUFReader(gguf_path), gguf.GGUFReader(again)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert sorted(ta) == sorted(tb) and "rope_freqs.weight" in ta
+    for name, t in ta.items():
+        assert np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)), name
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+@pytest.mark.slow
 def test_transformers_gguf_tokenizer_splits_deepseek_special_tokens(converted):
     """Why checkpoint.py builds the tokenizer itself: transformers' GGUF tokenizer
     (AutoTokenizer with gguf_file=) cuts `<｜User｜>` into pieces, where llama.cpp keeps it
@@ -260,6 +281,32 @@ def test_tied_embeddings(tiny_base, tmp_path):
     assert "lm_head.weight" not in _tensors(out)
     ids = list(range(100, 140))
     np.testing.assert_allclose(_logits(out, ids), _logits(base, ids), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_k_quants_equal_transformers_gguf_loader(tiny_base, tmp_path):
+    """Q4_K_M, Ollama's default (Q4_K and Q6_K blocks, by llama.cpp's own quantizer, on a
+    hidden-256 llama so the 256-wide K blocks apply): gguf-py's dequantization here equals
+    transformers' own torch kernels bit for bit, and the weights stay near the originals."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ollama_ft.export.quantize import QUANT_TYPES, llama_quantize
+
+    base = tiny_base("r1-llama", hidden=256)
+    f16 = write_base_gguf(base, tmp_path / "f16.gguf", "F16", "deepseek-r1")
+    q4 = tmp_path / "q4_k_m.gguf"
+    llama_quantize(f16, q4, QUANT_TYPES["q4_k_m"])
+    types = {t.qtype.name for t in ckpt.read_gguf(q4).tensors.values()}
+    assert {"Q4_K", "Q6_K"} <= types
+    conv = _tensors(ckpt.checkpoint_from_gguf(q4, tmp_path / "out", **SILENT))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=q4.name,
+                                               dtype=torch.float32).state_dict()
+    orig = _tensors(base)
+    assert sorted(conv) == sorted(ref) == sorted(orig)
+    for name, t in conv.items():
+        assert t.dtype == torch.float32 and t.equal(ref[name]), name
+        assert (t - orig[name].float()).abs().max() < 0.05, name  # 4-bit of N(0, 0.05)
 
 
 # --- rope, tokenizer tables -----------------------------------------------------------------
@@ -437,6 +484,31 @@ def test_cached_checkpoint(small_gguf, tmp_path, monkeypatch):
     assert len(calls) == 2 and ckpt._cached_ok(first)
     with pytest.raises(BaseModelError, match="not a blob digest"):
         ckpt.cached_checkpoint(small_gguf, "sha256:xyz", cache_root=tmp_path, **SILENT)
+
+
+def test_cache_cleans_dead_temp_folders_and_keeps_a_rivals_result(tmp_path, monkeypatch):
+    """Without converting anything: a temp folder of a process that died is removed; when
+    another process renamed its checkpoint into place first, that one is kept."""
+    hexd = "cd" * 32
+    final = tmp_path / f"sha256-{hexd}"
+    dead = tmp_path / f".sha256-{'ef' * 32}.tmp-{2**22 + 1}"  # above any pid_max
+    alive = tmp_path / f".sha256-{'ef' * 32}.tmp-{os.getpid()}"
+    dead.mkdir()
+    alive.mkdir()
+
+    def rival_wins(gguf_path, tmp, log):
+        tmp.mkdir()
+        (tmp / "mine").write_text("")
+        final.mkdir()  # the rival's whole checkpoint appears meanwhile
+        for name in (ckpt.WEIGHTS_FILE, "theirs"):
+            (final / name).write_text("")
+        (final / ckpt.SOURCE_FILE).write_text(json.dumps({"format_version": ckpt.FORMAT_VERSION}))
+
+    monkeypatch.setattr(ckpt, "_write_checkpoint", rival_wins)
+    assert ckpt.cached_checkpoint("blob", hexd, cache_root=tmp_path, **SILENT) == final
+    assert (final / "theirs").exists() and not (final / "mine").exists()
+    assert not dead.exists() and alive.exists()
+    assert not list(tmp_path.glob(f".sha256-{hexd}.tmp-*"))
 
 
 # --- 2. the real SmolLM2 ----------------------------------------------------------------------

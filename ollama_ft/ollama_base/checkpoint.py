@@ -3,7 +3,7 @@
     out/config.json               from the GGUF metadata (LlamaForCausalLM / Qwen2ForCausalLM /
                                   Qwen3ForCausalLM), via transformers' own config classes
     out/tokenizer.json            built from tokenizer.ggml.* with the `tokenizers` library, so it
-    out/tokenizer_config.json     splits text as llama.cpp does (see PRE_TOKENIZERS) and keeps
+    out/tokenizer_config.json     splits text as llama.cpp does (_pre_tokenizer_table) and keeps
                                   every control / user-defined token whole; chat template, BOS/EOS
     out/model.safetensors         every tensor, GGUF -> HF names, quantized ones dequantized to F32
     out/gguf-source.json          where it came from (file, architecture, tensor types)
@@ -22,8 +22,9 @@ applied), pre-tokenizer split rules from export/vocab.py's `PRE_TOKENIZERS`.
 Why the tokenizer is not transformers' GGUF tokenizer (`AutoTokenizer.from_pretrained(d,
 gguf_file=...)`, transformers 5.23): it byte-encodes every token that has characters outside the
 byte-level alphabet and then drops those from the special tokens, so DeepSeek's `<｜User｜>`
-splits into five pieces and `<｜end▁of▁sentence｜>` comes back as a new id past the vocabulary;
-and it knows no `smollm`, `deepseek-coder`, `deepseek-llm` or `deepseek-v3` split rules.
+splits into five pieces and `<｜end▁of▁sentence｜>` comes back as a new id past the
+vocabulary; and it knows no `smollm`, `deepseek-coder`, `deepseek-llm` or `deepseek-v3` split
+rules.
 """
 
 from __future__ import annotations
@@ -128,8 +129,6 @@ def read_gguf(path: str | Path) -> GGUFModel:
             tensors[t.name] = GGUFTensor(t.name, Q(int(t.tensor_type)), shape,
                                          int(t.data_offset), int(t.n_bytes))
         del reader
-    except BaseModelError:
-        raise
     except Exception as e:  # gguf-py says little more than ValueError/IndexError on a short file
         raise _not_gguf(path, f"reading it failed: {type(e).__name__}: {str(e)[:160]}; the file is "
                               "probably truncated (an interrupted download or copy)") from None
@@ -240,7 +239,8 @@ def config_kwargs(g: GGUFModel) -> dict:
     rs = _rope_scaling(g, kw["rope_theta"], head_dim)
     if rs:
         kw["rope_scaling"] = rs
-    for name, key in (("bos_token_id", Keys.Tokenizer.BOS_ID), ("eos_token_id", Keys.Tokenizer.EOS_ID),
+    for name, key in (("bos_token_id", Keys.Tokenizer.BOS_ID),
+                      ("eos_token_id", Keys.Tokenizer.EOS_ID),
                       ("pad_token_id", Keys.Tokenizer.PAD_ID)):
         if g.meta.get(key) is not None:
             kw[name] = int(g.meta[key])
