@@ -5,6 +5,10 @@ sequence budget (batch 4 x 512 tokens) and number of optimizer steps:
   common   transformers Trainer + PEFT, every example padded to 512, loss over full logits
   trl      TRL SFTTrainer, packing (bfd), completion-only loss           (pip install trl)
   ollama-ft  ollama-ft's train stage (packing, logits only where the labels are)
+  ollama-ft-bf16  the same with --precision bf16: the frozen base in bf16 (LoRA weights,
+             optimizer state and loss in fp32); on the CPU where it has AVX512-BF16/AMX
+  ollama-ft-4bit  the same with --load-in-4bit: the base's linear weights in NF4
+             (bitsandbytes), the rest in the auto precision
 
 Each contender runs in its own process; reported: real (non-padding) tokens per second,
 peak RSS (and peak GPU memory and model FLOPs utilisation on a GPU), the final training loss,
@@ -14,6 +18,7 @@ everyone).
     python scripts/bench_train.py --model tiny --steps 20
     python scripts/bench_train.py --model 0.3b --steps 8 --markdown docs/benchmarks.md
     python scripts/bench_train.py --model 1.5b --device cuda --seq 2048 --steps 20   # bf16
+    python scripts/bench_train.py --model 0.3b --steps 8 --contenders ollama-ft,ollama-ft-bf16
 """
 
 from __future__ import annotations
@@ -178,7 +183,15 @@ def run_trl(base, data, steps, out):
     return trainer_result(trainer, trainer.train()), model, rows
 
 
-def run_ours(base, data, steps, out):
+def run_ours_bf16(base, data, steps, out):
+    return run_ours(base, data, steps, out, precision="bf16")
+
+
+def run_ours_4bit(base, data, steps, out):
+    return run_ours(base, data, steps, out, precision="auto", load_in_4bit=True)
+
+
+def run_ours(base, data, steps, out, precision=None, load_in_4bit=False):
     from peft import PeftModel
 
     from ollama_ft.config import RunConfig
@@ -189,7 +202,8 @@ def run_ours(base, data, steps, out):
                     max_steps=steps, lr=LR, batch_size=BATCH, max_len=SEQ, lora_r=LORA["r"],
                     lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], warmup=0,
                     scheduler="linear", logging_steps=1, save_steps=10**6, seed=0, export=False,
-                    device=DEVICE, precision="bf16" if DEVICE == "cuda" else "fp32").validate()
+                    device=DEVICE, precision=precision or ("bf16" if DEVICE == "cuda" else "fp32"),
+                    load_in_4bit=load_in_4bit).validate()
     result = train_stage(cfg, log=lambda *a: None)
     report = json.loads((out / "run" / "report.json").read_text())["train"]
     rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -199,7 +213,8 @@ def run_ours(base, data, steps, out):
     return res, PeftModel.from_pretrained(base_model(base), result.adapter_dir), enc_rows
 
 
-CONTENDERS = {"common": run_common, "trl": run_trl, "ollama-ft": run_ours}
+CONTENDERS = {"common": run_common, "trl": run_trl, "ollama-ft": run_ours,
+              "ollama-ft-bf16": run_ours_bf16, "ollama-ft-4bit": run_ours_4bit}
 
 
 def child(args):
@@ -287,7 +302,7 @@ def main():
     peak = peak_tflops(args.peak_tflops) if gpu else None
     per_token = flops_per_token(MODELS[args.model], vocab, report.token_lengths["mean"])
     lines = [f"### {args.model} model ({MODELS[args.model]}), {args.steps} steps, batch {BATCH} x {SEQ} "
-             f"tokens, {'bf16 on ' + gpu_name if gpu else 'fp32 on the CPU'}", "",
+             f"tokens, {'bf16 on ' + gpu_name if gpu else 'on the CPU, fp32 unless the contender says bf16'}", "",
              "| contender | tokens/s | peak RSS (MiB) | " + ("peak GPU memory (MiB) | MFU | " if gpu else "")
              + "final train loss | loss on fixed examples | ollama-ft speed-up | ollama-ft memory ratio |",
              "|---|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|---:|---:|"]
@@ -301,6 +316,19 @@ def main():
             extra = f"{r['peak_gpu_mb']:.0f} | {mfu} | "
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {extra}"
                      f"{r['final_loss']:.4f} | {r['eval_loss']:.4f} | {speed} | {ratio} |")
+    bf16 = results.get("ollama-ft-bf16")
+    if ours and bf16 and not gpu:
+        lines += ["", "bf16 base against fp32, the same run: "
+                  f"{bf16['tokens_per_s'] / ours['tokens_per_s']:.2f}x the tokens/s at "
+                  f"{bf16['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x the peak RSS; final train "
+                  f"loss {100 * (bf16['final_loss'] / ours['final_loss'] - 1):+.2f}%, loss on "
+                  f"fixed examples {100 * (bf16['eval_loss'] / ours['eval_loss'] - 1):+.2f}%"]
+    q4 = results.get("ollama-ft-4bit")
+    if ours and q4 and not gpu:
+        lines += ["", "4-bit (NF4) base against fp32, the same run: "
+                  f"{q4['tokens_per_s'] / ours['tokens_per_s']:.2f}x the tokens/s at "
+                  f"{q4['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x the peak RSS; final train "
+                  f"loss {100 * (q4['final_loss'] / ours['final_loss'] - 1):+.2f}%"]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     if args.markdown:

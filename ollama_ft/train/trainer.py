@@ -42,14 +42,20 @@ def pick_device_and_precision(cfg: RunConfig) -> tuple[str, str]:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but torch sees no CUDA GPU "
                           f"(torch {torch.__version__}); install a CUDA build of torch or use cpu")
+    from ollama_ft.train.precision import cpu_has_bf16
+
     precision = cfg.precision
     if precision == "auto":
         if device == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    if precision in ("bf16", "fp16") and device == "cpu":
-        raise ConfigError(f"precision: {precision} mixed precision needs a GPU; use fp32 on the CPU")
+        else:  # the frozen base in bf16 where the CPU computes it natively (train/precision.py)
+            precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError("precision: fp16 needs a GPU; use bf16 (on a CPU with AVX512-BF16 or "
+                          "AMX) or fp32 on the CPU")
+    if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+        raise ConfigError("precision: bf16 on this CPU would be emulated (no avx512_bf16 / "
+                          "amx_bf16 in /proc/cpuinfo) and slower than fp32; use fp32 or auto")
     return device, precision
 
 
@@ -206,6 +212,10 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same adapter init
     with exact_targets(base.architecture):
         model = get_peft_model(model, lora_config(cfg, base.architecture))
+    if precision != "fp32":  # a bf16/fp16 base: LoRA weights, gradients, Adam state in fp32
+        from ollama_ft.train.precision import keep_trainable_fp32
+
+        keep_trainable_fp32(model)
     if device == "cpu":  # GPUs have their own fused dropout and caching allocator
         from ollama_ft.train.allocator import limit_heap_caching
         from ollama_ft.train.dropout import use_fast_lora_dropout
@@ -342,7 +352,8 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
         greater_is_better=False if has_eval else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=precision == "bf16",
+        # autocast on the GPU; on the CPU the base is bf16 itself and nothing is autocast
+        bf16=precision == "bf16" and device == "cuda",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
