@@ -142,7 +142,8 @@ def check_data(path, tokenizer, fmt: ChatFormat, max_len: int, shape: str | None
     of Example, read from the file on demand), both of the kept examples in file order.
 
     num_proc: tokenizing processes (default: one per CPU for a file of 4 MB or more);
-    cache=False builds a store that is not kept for the next check."""
+    cache=False builds a store that is not kept for the next check (its files are removed
+    once mapped)."""
     from ollama_ft.data import cache as store_cache
     from ollama_ft.data.batch import backend_of
     from ollama_ft.data.store import TokenStore
@@ -164,6 +165,8 @@ def check_data(path, tokenizer, fmt: ChatFormat, max_len: int, shape: str | None
             raise
         found = store_cache.publish(tmp, key) if cache else tmp
     store = TokenStore(found)
+    if not cache:  # mapped already: the files go when the store does (POSIX)
+        store_cache.discard(found)
     report = report_of(store.meta["report"], path, file, kind)
     ff = FileFormat(**store.meta["file_format"])
     return ExampleList(file, kind, ff, store.records, store.byte_offsets), store, report
