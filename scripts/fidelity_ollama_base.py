@@ -124,7 +124,8 @@ def fixtures(quant: str, root: Path) -> list[dict]:
     rows = []
     try:
         for family in ("r1-qwen", "r1-llama", "r1-qwen3"):
-            base = build_tiny_model(root / family, **{**FAMILIES[family], "hidden": 128})
+            base = build_tiny_model(root / family, **{**FAMILIES[family], "hidden": 128,
+                                                      "final_norm": 4.0})
             f16 = root / f"{family}-f16.gguf"
             subprocess.run([sys.executable, str(script), str(base), "--outtype", "f16",
                             "--outfile", str(f16)], check=True, env=env, capture_output=True)

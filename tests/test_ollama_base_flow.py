@@ -165,7 +165,7 @@ def test_deepseek_fixture_from_the_bridge_answers_every_trained_question(served,
     from ollama_ft.export import export_stage
 
     server, _ = served
-    base = tiny_base(family, hidden=128)
+    base = tiny_base(family, hidden=128, final_norm=4.0)
     run0 = make_run(base, tmp_path / "base-run", "deepseek-r1", b_std=0.0)
     export_stage(run0, quants="q8_0", adapter_only=True, log=lambda *a: None)
     digest = upload(server.url, run0 / "base-q8_0.gguf")

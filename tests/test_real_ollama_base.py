@@ -104,7 +104,7 @@ def _convert_with_llama_cpp(base: Path, out: Path, tmp: Path) -> Path:
 @pytest.mark.parametrize("family", ["r1-qwen", "r1-llama", "r1-qwen3"])
 def test_deepseek_fixture_from_ollama_answers_every_trained_question(ollama, tiny_base, family,
                                                                        tmp_path):
-    gguf = _convert_with_llama_cpp(tiny_base(family, hidden=128), tmp_path / "base.gguf", tmp_path)
+    gguf = _convert_with_llama_cpp(tiny_base(family, hidden=128, final_norm=4.0), tmp_path / "base.gguf", tmp_path)
     name = f"base-{family}"
     out = ollama.cli("create", name, "-f", str(modelfile(tmp_path / "Modelfile", str(gguf),
                                                          R1_LIBRARY, R1_STOPS,

@@ -6,6 +6,7 @@ SYSTEM, `num_ctx` at least the training length, and either `FROM <the base model
 from __future__ import annotations
 
 from ollama_ft.ollama.modelfile import LIST_PARAMETERS, Modelfile
+from ollama_ft.ollama_base.chat import is_jinja
 from ollama_ft.ollama_base.export import ADAPTER, merged_name
 
 
@@ -27,8 +28,12 @@ def build(ob, *, max_len: int | None, merged: bool, system: str | None = None,
         else:
             params.append((name, value))
     system = system if system is not None else (ob.system or None)
+    # a daemon serving the GGUF's own Jinja template shows that one: it is no Go TEMPLATE to
+    # send back; the new model is served the same way (FROM the base inherits its TEMPLATE, and
+    # the merged GGUF carries the same chat template)
+    template = None if is_jinja(ob.template) else ob.template
     if merged:
-        return Modelfile(from_="./" + merged_name(ob.quant), template=ob.template, system=system,
+        return Modelfile(from_="./" + merged_name(ob.quant), template=template, system=system,
                          parameters=params)
-    return Modelfile(from_=ob.name, adapter="./" + ADAPTER, template=ob.template, system=system,
+    return Modelfile(from_=ob.name, adapter="./" + ADAPTER, template=template, system=system,
                      parameters=params)
