@@ -11,6 +11,7 @@ tokenizer, and measures, each in its own process:
            num_proc=2) into Arrow, with an empty datasets cache  (pip install datasets)
   train    what training holds before its first step: the store of the check, the eval
            split, the packed rows (train/dataset.py), as `ollama-ft train` builds them
+  arrow    (optional) random reads from the store against the same data as an Arrow file
 
 Reported: wall time, peak RSS of the largest process (what /usr/bin/time -v calls maximum
 resident set size: ru_maxrss of the child and its descendants) and the peak of the sum of
@@ -164,6 +165,40 @@ def train_start(data: str, base: str) -> None:
                       "row_tokens": len(first["input_ids"])}))
 
 
+def store_vs_arrow(cache: str) -> None:
+    """Random reads of examples from the token store (numpy memmap) and from the same data
+    as a memory-mapped Arrow IPC file (list<uint32> ids, list<uint8> targets)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from ollama_ft.data.store import TokenStore
+
+    store = TokenStore(next(p.parent for p in Path(cache).glob("tokens/*/meta.json")))
+    offsets = np.append(np.asarray(store._index[:, 0]), store.meta["tokens"]).astype(np.int64)
+    table = pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, np.asarray(store._ids)),
+                      "trained": pa.LargeListArray.from_arrays(offsets, np.asarray(store._trained))})
+    path = Path(cache) / "store.arrow"
+    with ipc.new_file(path, table.schema) as w:
+        w.write_table(table)
+    mapped = ipc.open_file(pa.memory_map(str(path))).read_all()
+    picks = np.random.default_rng(0).integers(0, len(store), 20000).tolist()
+    t0 = time.perf_counter()
+    for i in picks:
+        store.arrays(i)
+    t1 = time.perf_counter()
+    ids_col, trained_col = mapped.column("input_ids"), mapped.column("trained")
+    for i in picks:
+        ids = np.asarray(ids_col[i].values, dtype=np.int64)
+        np.where(np.asarray(trained_col[i].values) != 0, ids, -100)
+    t2 = time.perf_counter()
+    size = sum(f.stat().st_size for f in store.dir.iterdir())
+    print(json.dumps({"memmap_us": round(1e6 * (t1 - t0) / len(picks), 1),
+                      "arrow_us": round(1e6 * (t2 - t1) / len(picks), 1),
+                      "store_mb": round(size / 1e6), "arrow_mb": round(path.stat().st_size / 1e6)}))
+    path.unlink()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=300_000)
@@ -172,11 +207,14 @@ def main():
     ap.add_argument("--markdown", help="append the table to this file")
     ap.add_argument("--anchor", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--train-start", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--store-vs-arrow", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.anchor:
         return anchor(*args.anchor)
     if args.train_start:
         return train_start(*args.train_start)
+    if args.store_vs_arrow:
+        return store_vs_arrow(args.store_vs_arrow)
 
     # this process stays small: a child's peak RSS counts its parent's at the fork (Linux
     # carries the high-water mark of the forked memory over the exec), so nothing heavy is
@@ -193,8 +231,7 @@ def main():
                         "build_tiny_model; build_tiny_model(sys.argv[1], sys.argv[2])", str(base),
                         TOKENIZER], check=True, capture_output=True)
     size_mb = data.stat().st_size / 1e6
-    cache = work / "cache"
-    shutil.rmtree(cache, ignore_errors=True)
+    cache = work / "cache"  # emptied before `first`; kept for the runs after it
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OLLAMA_FT_CACHE": str(cache),
            "HF_DATASETS_CACHE": str(work / "datasets-cache"), "HF_HOME": str(work / "hf-home")}
     check = [str(Path(sys.executable).parent / "ollama-ft"), "data", "check", str(data),
@@ -221,6 +258,12 @@ def main():
             r["note"] = (f"{out['examples']} examples in {out['rows']} rows of 2048 "
                          f"(+{out['eval_rows']} eval rows): prepare + pack "
                          f"{out['prepare_and_pack_s']} s, +{out['rss_added_mb']} MB RSS")
+        elif run == "arrow":
+            r = measure(me + ["--store-vs-arrow", str(cache)], env)
+            out = json.loads(r.pop("stdout").strip().splitlines()[-1])
+            r["note"] = (f"random example reads: {out['memmap_us']} µs from the store's memmap, "
+                         f"{out['arrow_us']} µs from an Arrow IPC file of the same data; "
+                         f"{out['store_mb']} MB against {out['arrow_mb']} MB on disk")
         else:
             raise SystemExit(f"unknown run {run!r}")
         results[run] = r
@@ -232,7 +275,8 @@ def main():
     names = {"first": "`ollama-ft data check` (builds the token store)",
              "second": "`ollama-ft data check` again (reuses it)",
              "anchor": "HF datasets `load_dataset` + `map(apply_chat_template, tokenize, num_proc=2)`",
-             "train": "train start on the store: eval split + packing (no model)"}
+             "train": "train start on the store: eval split + packing (no model)",
+             "arrow": "the store's format against Arrow (after `first`)"}
     for run, r in results.items():
         lines.append(f"| {names[run]} | {r['wall_s']} | {r['peak_rss_mb']} | "
                      f"{r['peak_tree_rss_mb']} | {r['note']} |")
