@@ -120,7 +120,7 @@ def test_fine_tune_from_the_bridge_learns_the_task(served, task, tmp_path):
     assert adapter_size <= grown < adapter_size + 2**20, (grown, adapter_size)
     mf = (run / "Modelfile").read_text()
     assert "FROM smollm2:latest" in mf and "ADAPTER ./adapter.gguf" in mf
-    assert smollm2.SYSTEM in mf and 'PARAMETER stop "<|im_end|>"' in mf
+    assert f"SYSTEM {smollm2.SYSTEM}" in mf and "PARAMETER stop <|im_end|>" in mf
     # judged on held-out people, cities, dates and phrasings
     ev = report["eval"]
     assert ev["fine_tuned"]["exact_match"] >= 0.6, ev
