@@ -7,19 +7,11 @@ from library_templates import R1_LIBRARY, R1_STOPS
 
 from ollama_ft.chat_formats import FORMATS, Message
 from ollama_ft.data.tokenize import trained_spans
+from ollama_ft.demo import smollm2
 from ollama_ft.ollama.templates import template_for
 from ollama_ft.ollama_base.chat import template_format
 
-# an Ollama-style ChatML TEMPLATE (as SmolLM2 and Qwen models are served)
-CHATML = """{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 -}}
-<|im_start|>{{ .Role }}
-{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- if and (ne .Role "assistant") $last }}<|im_end|>
-<|im_start|>assistant
-{{ end }}
-{{- end }}"""
+CHATML = smollm2.TEMPLATE  # Ollama-style ChatML, as SmolLM2 and Qwen models are served
 
 CONVERSATIONS = [
     [Message("user", "What is 2+2?"), Message("assistant", "4")],
