@@ -34,7 +34,8 @@ def _train(tmp_path, base, data, name, nproc, batch, port):
     cmd = ["-m", "ollama_ft", "train", "--base", str(base), "--data", str(data), "--name", name,
            "--output-dir", str(tmp_path / name), "--max-steps", "3", "--batch-size", str(batch),
            "--lr", "1e-2", "--warmup", "0", "--lora-dropout", "0", "--seed", "0",
-           "--no-packing", "--no-export", "--logging-steps", "1"]
+           "--no-packing", "--no-export", "--logging-steps", "1",
+           "--precision", "fp32"]  # bit-for-bit sums: bf16 (auto on a CPU with it) rounds per batch
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(port)] + cmd

@@ -132,7 +132,10 @@ def _install_chunked_head(lm_head) -> None:
         if ce_targets is None:
             return torch.nn.Linear.forward(lm_head, x)
         weight = lm_head.weight
-        chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+        chunk = CHUNK_ELEMENTS // weight.shape[0]
+        if weight.element_size() < 4:  # a bf16 logits chunk is made before its fp32 copy:
+            chunk = chunk * 2 // 3  # the two together take what one fp32 chunk takes
+        chunk = max(16, chunk)
         grad_on = torch.is_grad_enabled()
         with torch.profiler.record_function("linear_cross_entropy"):  # named in profiles
             return _FN.apply(x, weight, ce_targets, chunk, grad_on and x.requires_grad,

@@ -2,10 +2,11 @@
 
 CPUs with bfloat16 instructions (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16 extension) do
 a bf16 matmul at about twice the fp32 rate, with half the memory for the weights. There
-`--precision auto` loads the frozen base in bf16; the LoRA weights, their gradients, the
-optimizer state and the loss stay in fp32 (PEFT keeps adapters in fp32, train/loss.py
-takes the softmax in fp32). Without those instructions bf16 is emulated and slower than
-fp32, so auto keeps fp32 there, and an explicit bf16 is refused.
+`--precision auto` loads the frozen base in bf16 and runs the step under bf16 autocast, as
+on a GPU; the LoRA weights (the master copy autocast casts from), their gradients, the
+optimizer state and the loss stay in fp32 (keep_trainable_fp32; train/loss.py takes the
+softmax in fp32). Without those instructions bf16 is emulated and slower than fp32, so auto
+keeps fp32 there, and an explicit bf16 is refused.
 """
 
 from __future__ import annotations

@@ -352,8 +352,8 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
         greater_is_better=False if has_eval else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # autocast on the GPU; on the CPU the base is bf16 itself and nothing is autocast
-        bf16=precision == "bf16" and device == "cuda",
+        # autocast (GPU and CPU): bf16 compute; the LoRA weights stay fp32 (their master copy)
+        bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         gradient_checkpointing=cfg.gradient_checkpointing,
