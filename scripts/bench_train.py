@@ -221,7 +221,7 @@ def child(args):
     out = Path(args.out)
     res, model, rows = CONTENDERS[args.contender](Path(args.base), Path(args.data), args.steps, out)
     res["tokens_per_s"] = res["tokens"] / res["train_s"]
-    res["eval_loss"] = eval_loss(model, rows[:64])
+    res["eval_loss"] = eval_loss(model, rows[:args.eval_examples]) if args.eval_examples else float("nan")
     (out / "result.json").write_text(json.dumps(res))
 
 
@@ -257,8 +257,11 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
     ap.add_argument("--peak-tflops", help="the GPU's dense bf16 peak, for MFU (default: by name)")
     ap.add_argument("--markdown", help="append the table to this file")
+    ap.add_argument("--base", help="an existing checkpoint (its tokenizer must be the R1 one) "
+                    "instead of building --model; e.g. one with a real model's configuration")
+    ap.add_argument("--eval-examples", type=int, default=64,
+                    help="fixed examples for the loss of the trained adapter (0: skip)")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
-    ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,7 +273,14 @@ def main():
     from ollama_ft.tinymodel import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    base = build_tiny_model(work / "base", "deepseek-r1-distill-qwen-7b", **MODELS[args.model])
+    if args.base:  # its shape from its config
+        c = json.loads((Path(args.base) / "config.json").read_text())
+        MODELS[args.model] = dict(hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+                                  heads=c["num_attention_heads"], intermediate=c["intermediate_size"],
+                                  kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]))
+        base = Path(args.base)
+    else:
+        base = build_tiny_model(work / "base", "deepseek-r1-distill-qwen-7b", **MODELS[args.model])
     data = work / "data.jsonl"
     make_data(data, args.examples)
     _, _, report = encoded(base, data)
@@ -290,7 +300,8 @@ def main():
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         r = subprocess.run([sys.executable, __file__, "--contender", name, "--base", str(base),
                             "--data", str(data), "--out", str(out), "--steps", str(args.steps),
-                            "--device", DEVICE, "--seq", str(SEQ), "--lr", str(LR)],
+                            "--device", DEVICE, "--seq", str(SEQ), "--lr", str(LR),
+                            "--eval-examples", str(args.eval_examples)],
                            env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: failed\n{r.stderr[-2000:]}", flush=True)

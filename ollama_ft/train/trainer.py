@@ -123,27 +123,21 @@ def load_model(base, cfg: RunConfig, device: str, precision: str):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            bitsandbytes = None
-        if device != "cuda" or bitsandbytes is None:
-            raise ConfigError("--load-in-4bit (QLoRA) needs a CUDA GPU and bitsandbytes "
-                              "(pip install bitsandbytes); train without it on this machine")
-        from transformers import BitsAndBytesConfig
+    if cfg.load_in_4bit:  # QLoRA, on the GPU or the CPU (train/qlora.py)
+        from ollama_ft.train.qlora import check_4bit, quantization_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        check_4bit(device)
+        kwargs["quantization_config"] = quantization_config(device, precision)
+        rank = int(os.environ.get("LOCAL_RANK", "0"))  # a DDP rank loads onto its own GPU
+        kwargs["device_map"] = {"": "cpu" if device == "cpu" else rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     except (OSError, ValueError) as e:
         raise TrainingError(f"{base.path}: the checkpoint could not be loaded: {e}") from None
     if cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
+        from ollama_ft.train.qlora import prepare
 
-        model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing)
+        model = prepare(model, cfg.gradient_checkpointing)
     return model
 
 
@@ -182,6 +176,10 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
     from ollama_ft.train.callbacks import check_report_to
 
     check_report_to(cfg.report_to)  # a missing mlflow/wandb: said now, not after loading
+    if cfg.load_in_4bit:  # and a missing bitsandbytes
+        from ollama_ft.train.qlora import check_4bit
+
+        check_4bit(device)
     resume_from = _resume_checkpoint(cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +235,7 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
         if "out of memory" in str(e).lower():
             raise TrainingError("out of memory: lower --batch-size or --max-len, raise "
                                 "--grad-accum, or keep --gradient-checkpointing on"
-                                " / --load-in-4bit on a GPU; checkpoints so far are kept in "
+                                " / --load-in-4bit; checkpoints so far are kept in "
                                 f"{_checkpoints_dir(cfg)}") from None
         raise
     state = trainer.state
@@ -262,7 +260,8 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
         update_report(run_dir, "train", {
             "base": base.spec, "base_path": str(base.path), "repo_id": base.repo_id,
             "architecture": base.architecture, "chat_format": base.chat_format.name,
-            "device": device, "precision": precision, "steps": state.global_step,
+            "device": device, "precision": precision, "load_in_4bit": cfg.load_in_4bit,
+            "steps": state.global_step,
             "max_steps": state.max_steps, "epochs": round(state.epoch or 0, 3),
             "final_loss": last.get("loss"), "eval_loss": result.eval_loss,
             "train_loss_mean": result.train_loss, "tokens_seen": state.num_input_tokens_seen,
