@@ -14,11 +14,11 @@ from __future__ import annotations
 
 
 def export_stage(run_dir, quants=None, adapter_only=False, log=print, base=None, threads=None,
-                 record=True, with_adapter=True):
+                 record=True, with_adapter=True, merged=None):
     from ollama_ft.export.stage import export_stage as _export
 
     return _export(run_dir, quants=quants, adapter_only=adapter_only, log=log, base=base,
-                   threads=threads, record=record, with_adapter=with_adapter)
+                   threads=threads, record=record, with_adapter=with_adapter, merged=merged)
 
 
 def merge_stage(run_dir, out_dir=None, log=print, base=None):
