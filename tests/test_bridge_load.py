@@ -194,3 +194,126 @@ def test_num_gpu_offload_share_is_what_llama_cpp_puts_on_the_gpu():
             lease.release()
         finally:
             engine.close()
+
+
+# --- issue #21: bounds of the engine, and streams that give their model back -----------------
+KV_BYTES_PER_TOKEN = 64 * 1024  # the engine's estimate of a token of context
+
+
+def tiny_registry(tmp_path, ctx=256):
+    """A store with model `m`: a tiny GGUF with a trained context of `ctx` (parsed, never
+    loaded: these tests acquire leases without entering them)."""
+    from ollama_ft.serve.models import Registry
+    from ollama_ft.serve.store import Store
+    from tests.test_bridge_faults import tiny_gguf
+
+    store = Store(tmp_path / "home")
+    digest, _ = store.write_blob([tiny_gguf(tmp_path / "m.gguf", ctx=ctx).read_bytes()])
+    list(Registry(store).create({"model": "m", "files": {"model.gguf": digest}}))
+    return Registry(store)
+
+
+def test_num_ctx_is_clamped_to_the_model_and_the_memory_budget(tmp_path):
+    """num_ctx was part of the engine's model key unclamped: each value loaded another
+    llama.cpp instance, however large."""
+    from ollama_ft.serve import generation as g
+    from ollama_ft.serve.http import HTTPError
+
+    registry = tiny_registry(tmp_path, ctx=256)
+    weights = registry.get("m").model_path.stat().st_size
+    engine = Engine(memory_budget=weights + 200 * KV_BYTES_PER_TOKEN, max_queue=8)
+
+    async def acquire(num_ctx):
+        req = g.prepare(registry, {"model": "m", "options": {"num_ctx": num_ctx}})
+        events = await g.start(engine, req, [{"role": "user", "content": "hi"}])
+        events.close()  # never started: the dropped lease gives the model back
+        del events
+        return {k[2] for k in engine.models}
+
+    try:
+        for num_ctx in (1_000_000, 4096, 300, 257, 201):
+            assert asyncio.run(acquire(num_ctx)) == {200}  # the budget holds 200 tokens
+        assert asyncio.run(acquire(150)) == {150}  # within both: as asked, the idle 200 gone
+        small = Engine(memory_budget=weights + 10 * KV_BYTES_PER_TOKEN)
+        try:
+            req = g.prepare(registry, {"model": "m"})
+            with pytest.raises(HTTPError) as e:
+                asyncio.run(g.start(small, req, []))
+            assert e.value.status == 500 and "requires more system memory" in e.value.message
+        finally:
+            small.close()
+    finally:
+        engine.close()
+
+
+def test_a_load_past_the_memory_budget_waits_for_a_model_to_be_given_back(tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"a" * 1000)
+    b.write_bytes(b"b" * 1000)
+    one = 1000 + 512 * KV_BYTES_PER_TOKEN
+    engine = Engine(memory_budget=one + 100, max_queue=2)
+
+    async def main():
+        held = await engine.acquire("a", "sha256:" + "a" * 64, a, None, 512, 300.0)
+        waiting = asyncio.create_task(engine.acquire("b", "sha256:" + "b" * 64, b, None, 512, 300.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # it waits instead of loading past the budget
+        assert sum(m.size for m in engine.models.values()) <= engine.budget
+        assert engine.queued() == 1
+        also = asyncio.create_task(engine.acquire("b", "sha256:" + "c" * 64, b, None, 512, 300.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServerBusy):  # the waiting loads count in OLLAMA_MAX_QUEUE
+            await engine.acquire("b", "sha256:" + "d" * 64, b, None, 512, 300.0)
+        also.cancel()
+        await asyncio.gather(also, return_exceptions=True)
+        held.release()
+        lease = await asyncio.wait_for(waiting, 2)
+        assert [m.name for m in engine.models.values()] == ["b"]  # a, idle, made room
+        lease.release()
+        assert engine.queued() == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def test_a_stream_whose_client_left_gives_its_model_back_at_once():
+    """Before, a disconnected stream kept its lease until Python collected the generator."""
+    import gc
+    import time
+
+    from ollama_ft.serve import generation as g
+
+    released = threading.Event()
+
+    def events():
+        try:
+            yield {"content": "a"}
+            for _ in range(2000):
+                time.sleep(0.001)
+                yield {"content": "b"}
+        finally:
+            released.set()
+
+    resp = g.ndjson(events(), lambda ev: ev)
+
+    async def main():
+        body_sent = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                body_sent.set()
+
+        async def receive():
+            await body_sent.wait()
+            return {"type": "http.disconnect"}
+
+        await resp({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return released.is_set()
+
+    gc.disable()
+    try:
+        assert asyncio.run(main()), "the generation (and its model) was still held"
+    finally:
+        gc.enable()

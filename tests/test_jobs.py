@@ -112,3 +112,90 @@ def test_job_trains_registers_and_answers_then_cancel_and_resume(tiny_base, tmp_
         assert json.loads(raw)["state"] == "cancelled" and json.loads(raw)["resumes"] == 2
     finally:
         server.stop()
+
+
+# --- issue #21: crash safety and cost of the job manager ------------------------------------------
+def _job_dir(root, job_id, **fields):
+    d = root / "jobs" / job_id
+    d.mkdir(parents=True)
+    job = {"id": job_id, "state": "succeeded", "created_at": time.time(),
+           "config": {"name": "x", "base": "deepseek-r1:1.5b", "data": "/nonexistent.jsonl"},
+           "run_dir": str(root / "runs" / job_id), "error": None, "artifacts": {}, "pid": None,
+           "started_at": None, "finished_at": None, "resumes": 0, **fields}
+    (d / "job.json").write_text(json.dumps(job))
+    (d / "events.ndjson").write_text(json.dumps({"type": "progress", "step": 1}) + "\n")
+    return d
+
+
+def test_the_idle_job_loop_reads_no_history(tmp_path, monkeypatch):
+    """It re-read every job.json (and 64 KiB of events) every 0.5 s, so its cost grew with
+    the history; now it looks at the jobs it holds in memory."""
+    import ollama_ft.serve.jobs as jobs
+
+    for i in range(200):
+        _job_dir(tmp_path, f"20260101-000000-{i:06x}")
+    mgr = jobs.JobManager(tmp_path)
+    reads = []
+    real_read, real_progress = jobs.read_json, jobs.latest_progress
+    monkeypatch.setattr(jobs, "read_json", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    monkeypatch.setattr(jobs, "latest_progress",
+                        lambda *a, **k: reads.append(a) or real_progress(*a, **k))
+    try:
+        time.sleep(1.6)  # three turns of the loop
+        assert reads == []
+        assert len(mgr.list()) == 200 and mgr.list()[0]["progress"]["step"] == 1
+    finally:
+        mgr.close()
+
+
+def test_a_reused_pid_is_neither_trusted_nor_signalled(tmp_path):
+    """After a crash the pid in job.json may name another process: the bridge waited for it
+    forever (the queue blocked) and `cancel` sent it SIGTERM, then SIGKILL."""
+    import subprocess
+
+    from ollama_ft.serve.jobs import JobManager
+
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        _job_dir(tmp_path, "20260101-000000-000001", state="running", pid=other.pid,
+                 pid_started=12345.0)  # its worker started then; this process did not
+        _job_dir(tmp_path, "20260101-000000-000002", state="running", pid=other.pid)  # old record
+        mgr = JobManager(tmp_path)
+        try:
+            for jid in ("20260101-000000-000001", "20260101-000000-000002"):
+                job = mgr.get(jid)
+                assert job["state"] == "interrupted" and "resume" in job["error"], job
+                mgr.cancel(jid)
+            time.sleep(0.3)
+            assert other.poll() is None, "another process was signalled"
+        finally:
+            mgr.close()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_killed_worker_leaves_its_job_interrupted_and_resumable(tmp_path):
+    import os
+    import signal
+
+    from ollama_ft.serve.jobs import JobManager
+
+    _job_dir(tmp_path, "20260101-000000-00000a", state="queued")
+    mgr = JobManager(tmp_path)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and mgr.state("20260101-000000-00000a") != "running":
+            time.sleep(0.05)
+        job = mgr.get("20260101-000000-00000a")
+        assert job["pid"]
+        os.killpg(job["pid"], signal.SIGKILL)
+        while time.time() < deadline and mgr.state("20260101-000000-00000a") == "running":
+            time.sleep(0.05)
+        job = mgr.get("20260101-000000-00000a")
+        assert job["state"] == "interrupted" and "SIGKILL" in job["error"], job
+        assert job["pid_started"]  # known by more than its pid
+        assert mgr.resume(job["id"])["state"] == "queued"
+        mgr.cancel(job["id"])
+    finally:
+        mgr.close()

@@ -1,6 +1,8 @@
 """The bridge: Ollama's endpoints (embedded mode, ollama_api.py) or a proxy to the daemon
 (proxy.py), the jobs API (jobs_api.py) and the OpenAI endpoints (openai_api.py) in one
-Starlette app, behind the Origin/Host guard (origins.py) and the API key (auth.py)."""
+Starlette app, behind the Origin/Host guard (origins.py) and the API key (auth.py); the
+bounds of limits.py, the cleaning of cleaning.py (at start and on a timer), and unexpected
+errors answered with an id to find them in the log (incidents.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ollama_ft.serve.engine import Engine
 from ollama_ft.serve.http import HTTPError, error
+from ollama_ft.serve.incidents import incident
 from ollama_ft.serve.models import Registry
 from ollama_ft.serve.store import Store
 
@@ -26,11 +29,17 @@ class Bridge:
                  max_body: int = MAX_JSON_BODY, max_blob: int = MAX_BLOB,
                  self_url: str | None = None, upstream: str | None = None,
                  data_dirs=(), allow_remote_code: bool = False):
+        from ollama_ft.serve.cleaning import Cleaner
         from ollama_ft.serve.jobpolicy import JobPolicy
         from ollama_ft.serve.jobs import JobManager
+        from ollama_ft.serve.limits import Gate, Limits
         from ollama_ft.serve.server import is_loopback
         from ollama_ft.serve.store import default_root
 
+        self.limits = limits = Limits.from_env()
+        self.uploads = Gate(limits.uploads, "uploads in flight", "OLLAMA_FT_MAX_UPLOADS")
+        self.followers = Gate(limits.followers, "open job event streams",
+                              "OLLAMA_FT_MAX_FOLLOWERS")
         self.upstream = upstream
         self.store = Store(home)
         self.registry = Registry(self.store)
@@ -39,7 +48,11 @@ class Bridge:
         # with this very service in embedded mode
         root = Path(home or default_root())
         self.jobs = JobManager(root, register_host=upstream or self_url, policy=JobPolicy(
-            root, [Path(d) for d in data_dirs], allow_remote_code))
+            root, [Path(d) for d in data_dirs], allow_remote_code),
+            max_queued=limits.queued_jobs, own_url=self_url)
+        self.cleaner = Cleaner(self.store, self.jobs.policy.uploads, self.jobs)
+        self.cleaner.at_start()
+        self.cleaner.start()
         self.api_key = api_key
         self.max_body, self.max_blob = max_body, max_blob
         self.loopback = self_url is None or is_loopback(urlsplit(self_url).hostname or "")
@@ -49,6 +62,7 @@ class Bridge:
         self.metrics = BridgeMetrics(self)
 
     def close(self):
+        self.cleaner.stop()
         self.jobs.close()
         self.engine.close()
 
@@ -81,13 +95,15 @@ class Bridge:
                 await self.proxy.close()
 
         app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-            HTTPError: lambda req, exc: error(exc.status, exc.message),
+            HTTPError: lambda req, exc: error(exc.status, exc.message, exc.headers),
             404: lambda req, exc: error(404, "404 page not found"),
             405: lambda req, exc: error(405, "405 method not allowed"),
-            Exception: lambda req, exc: error(500, f"internal error: {type(exc).__name__}: {exc}"),
+            # what failed and an id; the traceback and paths go to the log only
+            Exception: lambda req, exc: error(500, incident(
+                f"{req.method} {req.url.path} failed", exc)),
         })
         if self.api_key:
-            app.add_middleware(ApiKey, key=self.api_key)
+            app.add_middleware(ApiKey, key=self.api_key, worker_token_ok=self.jobs.token_ok)
         app.add_middleware(OriginGuard, check_host=self.loopback)  # before the key
         app.add_middleware(RequestMetrics, metrics=self.metrics)  # outermost: counts refusals too
         app.state.bridge = self

@@ -3,7 +3,12 @@ keep_alive, unload least-recently-used ones under a memory budget, serialise req
 one model while different models run side by side, and generate with Ollama's options.
 
 Requests waiting for a busy model wait on an asyncio future (no thread each), at most
-OLLAMA_MAX_QUEUE of them (Ollama's default 512); beyond that they get Ollama's 503."""
+OLLAMA_MAX_QUEUE of them (Ollama's default 512); beyond that they get Ollama's 503. A load
+that would pass the memory budget (OLLAMA_FT_MEMORY_BUDGET, default 80% of the memory
+available at start) first unloads idle models, least recently used first; when the rest are
+busy it waits (counted in the same queue) until one is given back. `num_ctx` is clamped to
+the model's trained context and to what the budget holds beside the weights, as Ollama
+clamps it to the trained context; a model whose weights alone pass the budget is refused."""
 
 from __future__ import annotations
 
@@ -35,6 +40,14 @@ VALID_OPTIONS = PARAMETERS | DEPRECATED_PARAMETERS  # deprecated: accepted, igno
 
 class BadOption(OllamaError):
     pass
+
+
+KV_BYTES_PER_TOKEN = 64 * 1024  # the rough KV-cache allowance per token of context
+MIN_CTX = 64
+
+
+class ModelTooLarge(OllamaError):
+    """Ollama's "model requires more system memory" (a 500)."""
 
 
 class ServerBusy(OllamaError):
@@ -192,11 +205,17 @@ class Engine:
                  max_queue: int | None = None):
         import psutil
 
-        self.budget = memory_budget or int(psutil.virtual_memory().available * 0.8)
+        from ollama_ft.serve.limits import parse_size
+
+        env_budget = os.environ.get("OLLAMA_FT_MEMORY_BUDGET", "").strip()
+        self.budget = memory_budget or (parse_size(env_budget, "OLLAMA_FT_MEMORY_BUDGET")
+                                        if env_budget else
+                                        int(psutil.virtual_memory().available * 0.8))
         self.max_queue = max_queue if max_queue is not None else int(
             os.environ.get("OLLAMA_MAX_QUEUE") or 512)
         self.threads = threads or os.cpu_count() or 1
         self.models: dict[tuple, Loaded] = {}
+        self._room_waiters: list = []  # (loop, future) of loads waiting for memory
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, daemon=True, name="ollama-ft-reaper")
@@ -221,9 +240,12 @@ class Engine:
         m = self.models.pop(key, None)
         if m is not None:
             try:
-                m.llm.close()
+                if m.llm is not None:
+                    m.llm.close()
             except Exception:  # pragma: no cover - best effort
                 pass
+            if self._room_waiters:
+                self._wake_room_waiters()
 
     def unload_name(self, name: str):
         with self._lock:
@@ -232,33 +254,70 @@ class Engine:
                     self._unload(k)
 
     @staticmethod
-    def estimate(model_path: Path, adapter_path: Path | None, n_ctx: int) -> int:
-        size = model_path.stat().st_size + (adapter_path.stat().st_size if adapter_path else 0)
-        return size + n_ctx * 64 * 1024  # weights + a rough KV-cache allowance
+    def weights(model_path: Path, adapter_path: Path | None) -> int:
+        return model_path.stat().st_size + (adapter_path.stat().st_size if adapter_path else 0)
+
+    @classmethod
+    def estimate(cls, model_path: Path, adapter_path: Path | None, n_ctx: int) -> int:
+        return cls.weights(model_path, adapter_path) + n_ctx * KV_BYTES_PER_TOKEN
+
+    def fit_ctx(self, model_path: Path, adapter_path: Path | None, n_ctx: int,
+                trained: int | None = None) -> int:
+        """num_ctx clamped to the model's trained context and to what the memory budget
+        holds beside the weights (at least MIN_CTX); ModelTooLarge when even that is more."""
+        n = max(int(n_ctx), MIN_CTX)
+        if trained and trained > 0:
+            n = min(n, max(int(trained), MIN_CTX))
+        room = (self.budget - self.weights(model_path, adapter_path)) // KV_BYTES_PER_TOKEN
+        if room < MIN_CTX:
+            need = self.estimate(model_path, adapter_path, MIN_CTX)
+            raise ModelTooLarge(f"model requires more system memory ({_gib(need)}) than the "
+                                f"bridge's budget ({_gib(self.budget)}); raise "
+                                "OLLAMA_FT_MEMORY_BUDGET or use a smaller quantization")
+        return min(n, room)
 
     def queued(self) -> int:
-        """Requests waiting for a busy model, over all models."""
+        """Requests waiting: for a busy model, or for memory to load one, over all models."""
         with self._lock:
-            return sum(m.slot.waiting for m in self.models.values())
+            return sum(m.slot.waiting for m in self.models.values()) + len(self._room_waiters)
 
     async def acquire(self, name: str, digest: str, model_path: Path, adapter_path: Path | None,
                       n_ctx: int, keep_alive: float, num_gpu: int = -1) -> "Lease":
-        """Wait (without a thread) until the model is free for this request; ServerBusy when
-        max_queue requests are already waiting. The lease is entered in the worker thread
-        that loads the model and generates."""
+        """Wait (without a thread) until the model is free for this request, and, to load
+        it, until the memory budget holds it; ServerBusy when max_queue requests are already
+        waiting. The lease is entered in the worker thread that loads the model and
+        generates. `n_ctx` is taken as given (fit_ctx clamps it)."""
         n_gpu = num_gpu if gpu_offload() else 0  # num_gpu means nothing without a GPU backend
         key = (digest, str(adapter_path), n_ctx, n_gpu)
-        with self._lock:
-            m = self.models.get(key)
-            if m is None:
-                need = self.estimate(model_path, adapter_path, n_ctx)
-                self._make_room(need)
-                m = Loaded(key, name, digest, model_path, adapter_path, n_ctx, None, need, n_gpu)
-                self.models[key] = m
-            elif m.busy and self.queued() >= self.max_queue:  # (the lock is reentrant)
-                raise ServerBusy()
-            m.busy += 1
-            m.expires_at = float("inf")
+        loop = asyncio.get_running_loop()
+        while True:
+            room = None
+            with self._lock:
+                m = self.models.get(key)
+                if m is None:
+                    need = self.estimate(model_path, adapter_path, n_ctx)
+                    if self._make_room(need, (digest, str(adapter_path))):
+                        m = Loaded(key, name, digest, model_path, adapter_path, n_ctx, None, need,
+                                   n_gpu)
+                        self.models[key] = m
+                    elif self.queued() >= self.max_queue:
+                        raise ServerBusy()
+                    else:  # every loaded model is busy: wait for one to be given back
+                        room = loop.create_future()
+                        self._room_waiters.append((loop, room))
+                elif m.busy and self.queued() >= self.max_queue:  # (the lock is reentrant)
+                    raise ServerBusy()
+                if m is not None:
+                    m.busy += 1
+                    m.expires_at = float("inf")
+            if m is not None:
+                break
+            try:
+                await room
+            finally:
+                with self._lock:
+                    if (loop, room) in self._room_waiters:
+                        self._room_waiters.remove((loop, room))
         lease = Lease(self, m, keep_alive)
         try:
             await m.slot.acquire()
@@ -268,14 +327,28 @@ class Engine:
         lease.holding = True
         return lease
 
-    def _make_room(self, need: int):
+    def _make_room(self, need: int, model: tuple | None = None) -> bool:
+        """Unload idle models until `need` fits the budget: first other instances of the same
+        model (another num_ctx: Ollama reloads rather than keep both), then the least recently
+        used. True when it fits (or nothing at all is loaded)."""
+        def order(kv):
+            return (kv[0][:2] != model, kv[1].last_used)
         used = sum(m.size for m in self.models.values())
-        for k, m in sorted(self.models.items(), key=lambda kv: kv[1].last_used):
-            if used + need <= self.budget:
+        for k, m in sorted(self.models.items(), key=order):
+            if m.busy:
+                continue
+            if used + need <= self.budget and k[:2] != model:
                 break
-            if m.busy == 0:
-                used -= m.size
-                self._unload(k)
+            used -= m.size
+            self._unload(k)
+        return used + need <= self.budget or not self.models
+
+    def _wake_room_waiters(self):
+        """A model was given back or unloaded: every load waiting for memory looks again."""
+        with self._lock:
+            waiters, self._room_waiters = self._room_waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut)
 
     def _ensure_loaded(self, m: Loaded):
         if m.llm is not None:
@@ -288,7 +361,9 @@ class Engine:
                           n_threads_batch=self.threads, lora_path=str(m.adapter_path) if m.adapter_path else None,
                           n_gpu_layers=m.n_gpu_layers, verbose=False, seed=0)
         except Exception as e:
-            raise OllamaError(f"the model failed to load: {e}") from None
+            from ollama_ft.serve.incidents import incident
+
+            raise OllamaError(incident("the model failed to load", e)) from None
         if m.n_gpu_layers:
             arch = m.llm.metadata.get("general.architecture", "")
             n_layers = int(m.llm.metadata.get(f"{arch}.block_count", 0) or 0)
@@ -328,6 +403,8 @@ class Lease:
             self.m.expires_at = time.time() + self.keep_alive
             if self.keep_alive <= 0 and self.m.busy == 0:
                 self.engine._unload(self.m.key)
+            elif self.m.busy == 0 and self.engine._room_waiters:
+                self.engine._wake_room_waiters()
 
     def release(self):
         with self._once:
@@ -393,6 +470,15 @@ class Lease:
                "eval_duration": int((end - first) * 1e9), "load_duration": int(self.load_duration * 1e9),
                "tokens": [int(t) for t in llm._input_ids[:llm.n_tokens]]
                if hasattr(llm, "_input_ids") else [int(t) for t in prompt_tokens]}
+
+
+def _resolve(fut) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _grammar(fmt):

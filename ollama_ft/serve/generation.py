@@ -1,7 +1,8 @@
 """Generation orchestration, shared by the Ollama and the OpenAI routes: check a request's
 model, think flag, options and format; wait for the model (bounded queue, no thread per
 waiter); render the prompt to fit num_ctx; stream content/thinking events; and turn the
-events into NDJSON chunks or one reply."""
+events into NDJSON chunks or one reply. A stream gives its model back when it ends or its
+client goes away (closed at once, not when Python collects it)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import json
 import time
 from typing import Iterator
 
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ollama_ft.errors import OllamaError
-from ollama_ft.serve.engine import BadOption, Engine, ServerBusy, check_options, parse_keep_alive
+from ollama_ft.serve.engine import (DEFAULT_OPTIONS, BadOption, Engine, ModelTooLarge, ServerBusy,
+                                    check_options, parse_keep_alive)
 from ollama_ft.serve.http import HTTPError, error, now_iso
+from ollama_ft.serve.incidents import incident
 from ollama_ft.serve.models import Model, Registry
 from ollama_ft.serve.prompt import ThinkingSplitter
 from ollama_ft.serve.store import NotFound
@@ -83,12 +87,19 @@ async def start(engine: Engine, req: GenRequest, chat_messages, tools=None, raw=
             engine.unload_name(model.name)
             yield {"done": "unload", "total_duration": int((time.perf_counter() - t0) * 1e9)}
         return unload()
+    from ollama_ft.serve.ggufinfo import cached_info
+
     try:
+        n_ctx = engine.fit_ctx(model.model_path, model.adapter_path,
+                               int(options.get("num_ctx") or DEFAULT_OPTIONS["num_ctx"]),
+                               cached_info(model.model_path).context_length)
         lease = await engine.acquire(model.name, model.manifest.digest, model.model_path,
-                                     model.adapter_path, int(options.get("num_ctx") or 4096),
-                                     keep_alive, int(options.get("num_gpu", -1)))
+                                     model.adapter_path, n_ctx, keep_alive,
+                                     int(options.get("num_gpu", -1)))
     except ServerBusy as e:
         raise HTTPError(503, str(e)) from None
+    except ModelTooLarge as e:
+        raise HTTPError(500, str(e)) from None
 
     def gen():
         with lease:
@@ -146,6 +157,8 @@ async def respond(events, chunk, stream: bool, whole):
         text, thinking, last = await collect(events)
     except OllamaError as e:
         return error(500, str(e))
+    except Exception as e:  # a bug or the disk: the id, not the details
+        return error(500, incident("generation failed", e))
     return JSONResponse(whole(chunk(last), text, thinking))
 
 
@@ -177,4 +190,29 @@ def ndjson(events, chunk) -> StreamingResponse:
                 yield json.dumps(chunk(ev), ensure_ascii=False) + "\n"
         except OllamaError as e:
             yield json.dumps({"error": str(e)}) + "\n"
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+        except Exception as e:  # after streaming started errors travel in-band
+            yield json.dumps({"error": incident("generation failed", e)}) + "\n"
+    return closing_stream(lines(), events, media_type="application/x-ndjson")
+
+
+def closing_stream(body, *generators, media_type: str) -> StreamingResponse:
+    """A streaming reply whose generators (and the model lease they hold) are closed as soon
+    as it ends, also when the client went away mid-stream."""
+    return StreamingResponse(body, media_type=media_type,
+                             background=BackgroundTask(close_all, body, *generators))
+
+
+def close_all(*generators, wait: float = 120.0) -> None:
+    """Close each generator; one still running a step in another thread is closed when
+    that step ends (bounded by `wait` seconds)."""
+    deadline = time.monotonic() + wait
+    for gen in generators:
+        close = getattr(gen, "close", None)
+        while close is not None:
+            try:
+                close()
+                break
+            except ValueError:  # "generator already executing"
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)

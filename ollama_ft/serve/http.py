@@ -11,19 +11,20 @@ from starlette.responses import JSONResponse
 
 
 class HTTPError(Exception):
-    """Raised anywhere in a handler; the app turns it into `{"error": message}`."""
+    """Raised anywhere in a handler; the app turns it into `{"error": message}` (with
+    `headers`, e.g. Retry-After on a 503)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def json_body(request: Request, max_body: int) -> dict:

@@ -8,6 +8,7 @@ import functools
 import json
 import posixpath
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,10 @@ from ollama_ft.serve.store import LAYER, Manifest, NotFound, Store, check_digest
 
 class BadRequest(OllamaError):
     """A 400: the message is what Ollama would say."""
+
+
+class BrokenModel(OllamaError):
+    """A manifest whose blobs are not all in the store (it is not listed either)."""
 
 
 @dataclass
@@ -90,20 +95,33 @@ def iso(ts: float) -> str:
 
 
 class Registry:
+    CACHED = 64  # parsed models kept (by manifest digest), least recently used dropped
+
     def __init__(self, store: Store):
+        from collections import OrderedDict
+
         self.store = store
-        self._cache: dict[str, Model] = {}
+        self._cache: OrderedDict[str, Model] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def get(self, name: str) -> Model:
         try:
             m = self.store.get(name)
         except NotFound:
             raise NotFound(f"model '{name}' not found") from None
-        cached = self._cache.get(m.digest)
-        if cached is not None:
-            return cached
+        if self.store.missing(m):
+            raise BrokenModel(f"model '{m.name.short}' is incomplete: a blob it names is missing "
+                              "from the store; create it again")
+        with self._cache_lock:
+            cached = self._cache.get(m.digest)
+            if cached is not None:
+                self._cache.move_to_end(m.digest)
+                return cached
         model = self._load(m)
-        self._cache[m.digest] = model
+        with self._cache_lock:
+            self._cache[m.digest] = model
+            while len(self._cache) > self.CACHED:
+                self._cache.popitem(last=False)
         return model
 
     def _load(self, m: Manifest) -> Model:
@@ -129,7 +147,27 @@ class Registry:
 
     # --- /api/create ------------------------------------------------------------------------
     def create(self, req: dict) -> Iterator[dict]:
-        """Validate (raising BadRequest before anything streams), then yield status lines."""
+        """Validate (raising BadRequest before anything streams), then yield status lines.
+        The blobs the request names are pinned from here until the manifest is written, so
+        a delete or the cleaner cannot take one in between."""
+        named = [d for field_name in ("files", "adapters") if isinstance(req.get(field_name), dict)
+                 for d in req[field_name].values() if isinstance(d, str)]
+        pin = self.store.pinned(named)
+        pin.__enter__()
+        try:
+            statuses = self._validate(req)
+        except BaseException:
+            pin.__exit__(None, None, None)
+            raise
+
+        def pinned_statuses():
+            try:
+                yield from statuses
+            finally:
+                pin.__exit__(None, None, None)
+        return pinned_statuses()
+
+    def _validate(self, req: dict) -> Iterator[dict]:
         name = req.get("model") or req.get("name")
         if not name:
             raise BadRequest("model name is required")
@@ -247,6 +285,9 @@ class Registry:
             digest, size = self.store.write_blob([text.encode("utf-8")])
             layers.append(self._layer("license", digest, size))
         yield {"status": "writing manifest"}
+        gone = [l["digest"] for l in layers if not self.store.has_blob(l["digest"])]
+        if gone:
+            raise OllamaError(f"blob {gone[0]} is no longer in the store; upload it again")
         config.setdefault("model_format", "gguf")
         config["rootfs"] = {"type": "layers", "diff_ids": [l["digest"] for l in layers]}
         self.store.write_manifest(target, config, layers)
@@ -287,7 +328,7 @@ class Registry:
         for man in self.store.list():
             try:
                 m = self.get(man.name.short)
-            except OllamaError:
+            except (OllamaError, OSError, ValueError):
                 continue
             size = sum(l.get("size", 0) for l in man.data.get("layers", []))
             info = cached_info(m.model_path)

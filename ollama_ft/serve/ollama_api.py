@@ -9,13 +9,15 @@ import json
 import time
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ollama_ft import __version__
 from ollama_ft.errors import OllamaError
 from ollama_ft.serve import generation as g
 from ollama_ft.serve.http import error, json_body, now_iso
+from ollama_ft.serve.incidents import disk_full, incident
 from ollama_ft.serve.store import DigestMismatch, NotFound
 
 OLLAMA_COMPAT_VERSION = "0.33.0"  # the API level the bridge speaks
@@ -89,6 +91,8 @@ class OllamaAPI:
             exists = self.store.has_blob(digest)
         except OllamaError as e:
             return error(400, str(e))
+        if exists:  # asked for again: a create is coming, the cleaner's hour starts again
+            self.store.touch_blob(digest)
         if request.method == "HEAD":
             return Response(status_code=200 if exists else 404)
         if exists:
@@ -96,16 +100,22 @@ class OllamaAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.b.max_blob:
             return error(413, f"blob larger than the limit of {self.b.max_blob} bytes")
-        try:
-            with self.store.blob_writer(digest, self.b.max_blob) as w:
-                async for chunk in request.stream():
+        with self.b.uploads.hold():  # 503 past OLLAMA_FT_MAX_UPLOADS
+            w = self.store.blob_writer(digest, self.b.max_blob).open()
+            try:
+                async for chunk in request.stream():  # hashed on the loop, 1 MiB at most a step
                     w.write(chunk)
-        except DigestMismatch:
-            return error(400, "digest mismatch")
-        except OllamaError as e:
-            return error(400, str(e))
-        except Exception as e:  # the client went away mid-upload: nothing is kept
-            return error(400, f"upload failed: {type(e).__name__}")
+                await run_in_threadpool(w.commit)  # fsync and rename: off the event loop
+            except DigestMismatch:
+                return error(400, "digest mismatch")
+            except OllamaError as e:
+                return error(400, str(e))
+            except ClientDisconnect:  # the client went away mid-upload: nothing is kept
+                return error(400, "upload failed: the client went away before the end")
+            except Exception as e:
+                return error(507 if disk_full(e) else 500, incident("storing the blob", e))
+            finally:
+                w.discard()
         return Response(status_code=201)
 
     async def create(self, request):
@@ -124,14 +134,20 @@ class OllamaAPI:
                 return JSONResponse(await run_in_threadpool(drain))
             except OllamaError as e:
                 return error(500, str(e))
+            except Exception as e:
+                return error(507 if disk_full(e) else 500, incident("creating the model", e))
+            finally:
+                statuses.close()
 
         def lines():
             try:
                 for s in statuses:
                     yield json.dumps(s) + "\n"
-            except Exception as e:  # after streaming started errors travel in-band
+            except OllamaError as e:  # after streaming started errors travel in-band
                 yield json.dumps({"error": str(e)}) + "\n"
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+            except Exception as e:
+                yield json.dumps({"error": incident("creating the model", e)}) + "\n"
+        return g.closing_stream(lines(), statuses, media_type="application/x-ndjson")
 
     async def copy(self, request):
         body = await self.body(request)

@@ -8,12 +8,13 @@ import json
 import secrets
 import time
 
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ollama_ft.errors import OllamaError
 from ollama_ft.serve import generation as g
 from ollama_ft.serve.http import HTTPError, json_body
+from ollama_ft.serve.incidents import incident
 
 # OpenAI request field -> Ollama option
 OPTION_FIELDS = (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
@@ -79,12 +80,14 @@ class OpenAIAPI:
         name = body.get("model")
         if body.get("stream"):
             include_usage = (body.get("stream_options") or {}).get("include_usage")
-            return StreamingResponse(_sse(events, cid, created, name, include_usage),
-                                     media_type="text/event-stream")
+            return g.closing_stream(_sse(events, cid, created, name, include_usage), events,
+                                    media_type="text/event-stream")
         try:
             content, reasoning, last = await g.collect(events)
         except OllamaError as e:
             return JSONResponse({"error": {"message": str(e)}}, status_code=500)
+        except Exception as e:  # a bug or the disk: the id, not the details
+            return openai_error(500, incident("generation failed", e))
         msg = {"role": "assistant", "content": content}
         if reasoning:
             msg["reasoning"] = reasoning
@@ -113,4 +116,6 @@ def _sse(events, cid, created, name, include_usage):
                 yield f"data: {json.dumps(chunk)}\n\n"
     except OllamaError as e:
         yield f"data: {json.dumps({'error': {'message': str(e)}})}\n\n"
+    except Exception as e:  # after streaming started errors travel in-band
+        yield f"data: {json.dumps({'error': {'message': incident('generation failed', e)}})}\n\n"
     yield "data: [DONE]\n\n"

@@ -63,13 +63,15 @@ def serve(listen: str | None = None, api_key: str | None = None, home: str | Non
 
     from ollama_ft.serve.app import Bridge
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)
     api_key = api_key or os.environ.get("OLLAMA_FT_API_KEY")
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"binding {host} exposes the bridge beyond this machine: set --api-key "
                           "(or OLLAMA_FT_API_KEY); clients then send Authorization: Bearer KEY")
-    if api_key:
-        os.environ["OLLAMA_FT_API_KEY"] = api_key  # job workers register with this service
+    # the key stays in this process: job workers get a token of their own (jobs.py)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     own = f"http://{shown}:{port}"
     upstream = pick_upstream(upstream, embedded, own, log)

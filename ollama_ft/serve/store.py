@@ -3,8 +3,11 @@
     ROOT/models/blobs/sha256-<hex>
     ROOT/models/manifests/<host>/<namespace>/<model>/<tag>
 
-ROOT is $OLLAMA_FT_HOME (default ~/.ollama-ft). Every write goes to a temporary name and
-is renamed into place, so a crash never leaves a half-written blob or manifest.
+ROOT is $OLLAMA_FT_HOME (default ~/.ollama-ft). Every write goes to a temporary name, is
+synced to disk and renamed into place, so a crash never leaves a half-written blob or
+manifest. A model is listed only when every blob its manifest names is there (`missing`);
+blobs an in-flight create names are pinned, so neither a delete nor the cleaner
+(cleaning.py) takes them from under it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 import re
 import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -57,6 +62,17 @@ class Manifest:
     def layers(self, kind: str) -> list[dict]:
         return [l for l in self.data.get("layers", []) if l.get("mediaType") == LAYER.format(kind)]
 
+    def digests(self) -> set[str]:
+        """Every blob this manifest names: the config and the layers."""
+        return {self.data["config"]["digest"]} | {l["digest"] for l in self.data.get("layers", [])}
+
+
+def _sync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
 
 class Store:
     def __init__(self, root: Path | None = None):
@@ -66,6 +82,24 @@ class Store:
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.manifests.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._pins: Counter = Counter()
+
+    # --- pins --------------------------------------------------------------------------
+    @contextmanager
+    def pinned(self, digests):
+        """Keep these blobs while a create that names them runs."""
+        digests = [d for d in digests if d]
+        with self._lock:
+            self._pins.update(digests)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(digests)
+                self._pins += Counter()  # drop the zeros
+
+    def is_pinned(self, digest: str) -> bool:
+        return self._pins.get(digest, 0) > 0
 
     # --- blobs -------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -73,6 +107,14 @@ class Store:
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
+
+    def touch_blob(self, digest: str) -> None:
+        """A client asked for this blob again (HEAD, or POST of one we have): it is about to
+        be used, so the cleaner's hour starts again."""
+        try:
+            os.utime(self.blob_path(digest))
+        except OSError:
+            pass
 
     def blob_writer(self, digest: str | None = None, max_bytes: int | None = None) -> "BlobWriter":
         return BlobWriter(self, digest, max_bytes)
@@ -119,7 +161,7 @@ class Store:
             path = self._manifest_path(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(raw)
+            _sync_write(tmp, raw)
             os.replace(tmp, path)
             if old is not None and old != path:
                 old.unlink()
@@ -135,15 +177,42 @@ class Store:
         return Manifest(ModelName(host, ns, model, tag), json.loads(raw),
                         hashlib.sha256(raw).hexdigest(), len(raw), path.stat().st_mtime)
 
-    def list(self) -> list[Manifest]:
+    def all_manifests(self) -> list[Manifest]:
+        """Every readable manifest, whole or not."""
         out = []
         for p in sorted(self.manifests.glob("*/*/*/*")):
             if p.is_file() and not p.name.startswith("."):
                 host, ns, model, tag = p.relative_to(self.manifests).parts
                 try:
-                    out.append(self.get(ModelName(host, ns, model, tag)))
-                except (OSError, ValueError):
+                    m = self.get(ModelName(host, ns, model, tag))
+                    m.digests()
+                except (OSError, ValueError, KeyError, TypeError, AttributeError, NotFound):
                     continue
+                out.append(m)
+        return out
+
+    def missing(self, m: Manifest) -> list[str]:
+        """The blobs `m` names that are not in the store whole (absent, or of another size)."""
+        out = []
+        for entry in [m.data["config"], *m.data.get("layers", [])]:
+            try:
+                size = self.blob_path(entry["digest"]).stat().st_size
+            except (OSError, OllamaError):
+                out.append(entry.get("digest", "?"))
+                continue
+            if isinstance(entry.get("size"), int) and entry["size"] != size:
+                out.append(entry["digest"])
+        return out
+
+    def list(self) -> list[Manifest]:
+        """The models: manifests whose every blob is here."""
+        return [m for m in self.all_manifests() if not self.missing(m)]
+
+    def referenced(self) -> set[str]:
+        """Every blob some manifest names (whole or not)."""
+        out: set[str] = set()
+        for m in self.all_manifests():
+            out |= m.digests()
         return out
 
     def delete(self, name: str) -> None:
@@ -153,12 +222,10 @@ class Store:
         m = self.get(name)
         with self._lock:
             self._manifest_path(m.name).unlink()
-            mine = {m.data["config"]["digest"]} | {l["digest"] for l in m.data.get("layers", [])}
-            for other in self.list():
-                mine -= {other.data["config"]["digest"]}
-                mine -= {l["digest"] for l in other.data.get("layers", [])}
+            mine = m.digests() - self.referenced()
             for digest in mine:
-                self.blob_path(digest).unlink(missing_ok=True)
+                if not self.is_pinned(digest):  # a create in flight names it
+                    self.blob_path(digest).unlink(missing_ok=True)
 
     def copy(self, source: str, destination: str) -> Manifest:
         m = self.get(source)
@@ -167,26 +234,34 @@ class Store:
             path = self._manifest_path(dst)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(m.data, separators=(",", ":")))
+            _sync_write(tmp, json.dumps(m.data, separators=(",", ":")).encode())
             os.replace(tmp, path)
         return self.get(dst)
 
 
 class BlobWriter:
-    """Write chunks to a temporary file while hashing; on a clean exit, verify and rename."""
+    """Write chunks to a temporary file while hashing; commit() verifies, syncs and renames
+    (or use it as a context manager: commit on a clean exit). Anything not committed is
+    removed."""
+
+    PREFIX = ".partial-"
 
     def __init__(self, store: Store, digest: str | None, max_bytes: int | None):
         self.store, self.expected, self.max_bytes = store, digest, max_bytes
         if digest is not None:
             check_digest(digest)
-        self.tmp = store.blobs / f".partial-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        self.tmp = store.blobs / (f"{self.PREFIX}{os.getpid()}-{threading.get_ident()}-"
+                                  f"{time.monotonic_ns()}")
         self.h = hashlib.sha256()
         self.size = 0
         self.digest: str | None = None
+        self.f = None
 
-    def __enter__(self):
+    def open(self) -> "BlobWriter":
         self.f = open(self.tmp, "wb")
         return self
+
+    __enter__ = open
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -195,16 +270,30 @@ class BlobWriter:
         self.h.update(chunk)
         self.f.write(chunk)
 
-    def __exit__(self, exc_type, exc, tb):
-        self.f.close()
+    def commit(self) -> str:
+        """Check the digest, sync, rename into place (blocking: call it off the event loop
+        for big blobs)."""
         try:
-            if exc_type is None:
-                got = "sha256:" + self.h.hexdigest()
-                if self.expected is not None and got != self.expected:
-                    raise DigestMismatch("digest mismatch")
-                os.replace(self.tmp, self.store.blob_path(got))
-                self.digest = got
+            got = "sha256:" + self.h.hexdigest()
+            if self.expected is not None and got != self.expected:
+                raise DigestMismatch("digest mismatch")
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.store.blob_path(got))
+            self.digest = got
+            return got
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self.discard()
+
+    def discard(self) -> None:
+        if self.f is not None and not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
         return False
