@@ -379,3 +379,43 @@ def test_a_job_the_bridge_refuses_is_reported_with_its_reason(job_bridge, tmp_pa
     assert "**Error:** starting the job: the bridge answered 400: job: unknown key 'lerning_rate'" in text
     assert rec.events[-1]["data"]["done"] is True
     assert "**Error:** cannot read the attached file from Open WebUI" in denied and "401" in denied
+
+
+# --- issue #21: each Open WebUI user sees their own jobs ---------------------------------------
+def test_the_pipe_acts_for_the_open_webui_user_it_is_given(tmp_path):
+    """The Pipe passes the user's id and role with every request: a user's `status` finds
+    only their own jobs (before, everyone behind Open WebUI saw the newest job of anyone)."""
+    import httpx
+
+    server = Server(tmp_path / "home")
+    try:
+        data = "".join(json.dumps(r) + "\n" for r in qa_rows(FACTS)).encode()
+        up = httpx.post(f"{server.url}/api/ft/uploads", params={"filename": "d.jsonl"},
+                        content=data).json()
+        job = {"name": "x", "base": "deepseek-r1:1.5b", "data": up["data"], "max_steps": 1}
+        theirs = httpx.post(f"{server.url}/api/ft/jobs", json=job,
+                            headers={"X-Ollama-Ft-User": "u2", "X-Ollama-Ft-Role": "user"}).json()
+
+        async def status(user):
+            p = owpipe.Pipe()
+            p.valves.bridge_url = server.url
+            body, meta = turn("status")
+            return "".join([x async for x in p.pipe(body, __user__=user, __metadata__=meta)])
+
+        assert "There is no training job to report on yet" in asyncio.run(status({"id": "u1", "role": "user"}))
+        assert f"job `{theirs['id']}`" in asyncio.run(status({"id": "u2", "role": "user"}))
+        assert f"job `{theirs['id']}`" in asyncio.run(status({"id": "a", "role": "admin"}))
+        assert "There is no training job" in asyncio.run(status(None))  # nobody: not the operator
+        httpx.delete(f"{server.url}/api/ft/jobs/{theirs['id']}", timeout=120)
+    finally:
+        server.stop()
+
+
+def test_user_headers_from_open_webuis_user():
+    assert owpipe.user_headers({"id": "3f2a-uuid", "role": "admin", "name": "A"}) == {
+        "X-Ollama-Ft-User": "3f2a-uuid", "X-Ollama-Ft-Role": "admin"}
+    assert owpipe.user_headers({"id": "x", "role": "pending"})["X-Ollama-Ft-Role"] == "user"
+    assert owpipe.user_headers({})["X-Ollama-Ft-User"] == "anonymous"
+    b = owpipe.Bridge("http://127.0.0.1:1", "k", user={"id": "u1", "role": "user"})
+    assert b.headers == {"Authorization": "Bearer k", "X-Ollama-Ft-User": "u1",
+                         "X-Ollama-Ft-Role": "user"}

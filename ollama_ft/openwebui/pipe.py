@@ -115,14 +115,26 @@ class BridgeError(Exception):
     what and how."""
 
 
+def user_headers(user: dict | None) -> dict:
+    """Who asks, for the bridge: the Open WebUI user's id and role (the bridge shows and lets
+    each person control their own jobs, an admin all). No id is someone, never the operator."""
+    user = user or {}
+    uid = str(user.get("id") or "").strip()
+    uid = uid if uid and len(uid) <= 256 and uid.isascii() and uid.isprintable() else "anonymous"
+    role = "admin" if user.get("role") == "admin" else "user"
+    return {"X-Ollama-Ft-User": uid, "X-Ollama-Ft-Role": role}
+
+
 class Bridge:
-    def __init__(self, url: str, api_key: str = "", timeout: float = 30.0):
+    def __init__(self, url: str, api_key: str = "", timeout: float = 30.0,
+                 user: dict | None = None):
         self.url = (url or "").rstrip("/")
         if not re.match(r"^https?://", self.url):
             raise BridgeError(f"the trainer's bridge_url valve {url!r} is not an http(s) URL; "
                               "set it to the ollama-ft bridge, e.g. http://127.0.0.1:11435 "
                               "(Admin > Functions > ollama-ft trainer > Valves)")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers.update(user_headers(user))
         self.timeout = timeout
 
     def _client(self, read_timeout: float | None = 30.0) -> httpx.AsyncClient:
@@ -477,7 +489,7 @@ class Pipe:
         ask = parse_message(text)
         status = _Status(__event_emitter__)
         try:
-            bridge = Bridge(self.valves.bridge_url, self.valves.bridge_api_key)
+            bridge = Bridge(self.valves.bridge_url, self.valves.bridge_api_key, user=__user__)
             if ask.command == "help" or (ask.command == "train" and not files):
                 yield help_md(self.valves)
                 return
