@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ollama_ft.chat_formats import FORMATS, Message
+from ollama_ft.chat_formats import FORMATS
 from ollama_ft.data import build
 from ollama_ft.data.check import check_data, load_examples
 from ollama_ft.data.tokenize import IGNORE, encode

@@ -125,7 +125,8 @@ def results(job: Job, tokenizer, num_proc: int | None):
     if num_proc <= 1:
         backend = backend_of(tokenizer)
         for chunk in plan_chunks(job):
-            yield ChunkResult(fatal=chunk[1]) if chunk[0] == "fatal" else run_chunk(job, backend, chunk)
+            yield (ChunkResult(fatal=chunk[1]) if chunk[0] == "fatal"
+                   else run_chunk(job, backend, chunk))
         return
     yield from _in_workers(job, backend_of(tokenizer).to_str(), num_proc)
 

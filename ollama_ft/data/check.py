@@ -260,7 +260,8 @@ def report_of(neutral: dict, path, file: Path, kind: str) -> DataReport:
     """The stored report, with the locations of this file's path."""
     where = lambda n: location(file, kind, n)  # noqa: E731
     values = {k: v for k, v in neutral.items() if k in {f.name for f in fields(DataReport)}}
-    values["duplicates"] = [f"{where(n)} repeats {where(first)}" for n, first in neutral["duplicates"]]
+    values["duplicates"] = [f"{where(n)} repeats {where(first)}"
+                            for n, first in neutral["duplicates"]]
     values["rejected"] = [{"location": where(n), "why": why} for n, why in neutral["rejected"]]
     return DataReport(file=str(path), **values)
 

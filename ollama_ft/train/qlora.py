@@ -4,8 +4,8 @@ bitsandbytes runs NF4 on CUDA and, from 0.50 on, on the CPU too, so --load-in-4b
 accepted wherever it runs. The linear weights of the decoder are stored as NF4 (double
 quantized: the block scales are quantized too) and dequantized block by block in each
 matmul, computed in bf16 (in fp32 on a CPU without native bf16); the embeddings, norms and
-output head stay unquantized, in the run's precision. The adapter that comes out is an ordinary LoRA adapter: export
-merges it into the 16-bit base, as for any run.
+output head stay unquantized, in the run's precision. The adapter that comes out is an
+ordinary LoRA adapter: export merges it into the 16-bit base, as for any run.
 """
 
 from __future__ import annotations
