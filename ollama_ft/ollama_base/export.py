@@ -4,9 +4,9 @@ asked (`merged`), `model-<quant>.gguf`: the base blob with the LoRA merged in.
 
 The merged file is the base GGUF itself with its metadata and tokenizer copied verbatim and
 every tensor the LoRA does not touch copied byte for byte; a touched tensor is dequantized
-(gguf-py), gets the LoRA delta in fp32, and is quantized back to its own type where gguf-py
-can quantize it (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), else to Q8_0 (K- and
-I-quants: llama.cpp alone quantizes those; Q8_0 keeps more precision). One tensor at a time.
+(gguf-py), gets the LoRA delta in fp32, and is written in its own type if that has 8 bits or
+more (F32, F16, BF16, Q8_0), else in Q8_0: quantized back to 4 or 5 bits, the delta is mostly
+rounded away (measured in `_requant_type`). One tensor at a time.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def _lora_deltas(adapter, config: dict, spec, name_map) -> dict:
     return out
 
 
-def write_merged_blob(blob: Path, adapter, config: dict, out_path: Path, log=print) -> list[str]:
+def write_merged_blob(blob: Path, adapter, config: dict, out_path: Path, log=print,
+                      merged_type: str | None = None) -> list[str]:
     """The base GGUF with the adapter merged into the tensors it changes (see the module
     docstring). Returns notes on types that changed."""
     import gguf
@@ -132,7 +133,7 @@ def write_merged_blob(blob: Path, adapter, config: dict, out_path: Path, log=pri
     plans = []
     for t in reader.tensors:
         if t.name in deltas:
-            qtype = _requant_type(t)
+            qtype = _requant_type(t, merged_type)
             if qtype != t.tensor_type:
                 changed[t.tensor_type.name] = qtype.name
             rows, cols = int(t.shape[1]), int(t.shape[0])
@@ -162,14 +163,25 @@ def write_merged_blob(blob: Path, adapter, config: dict, out_path: Path, log=pri
         w += b @ adapter.a(m).astype(np.float32)
         writer.write_tensor_data(gguf.quants.quantize(w, qtype))
     writer.close()
-    return [f"{src} tensors the LoRA changes were written as {dst} (gguf-py cannot quantize {src})"
-            for src, dst in changed.items()]
+    return [f"{src} tensors the LoRA changes were written as {dst} (a LoRA delta does not "
+            f"survive rounding to {src})" for src, dst in changed.items()]
 
 
-def _requant_type(t):
+def _requant_type(t, merged_type: str | None = None):
+    """The type a tensor the LoRA changed is written in: merged_type when given; else its own
+    type when that has 8 bits or more, else Q8_0. A LoRA delta is far smaller than a 4-bit
+    quantization step: merged into SmolLM2's Q4_1 tensors and quantized back to Q4_1 it was
+    mostly rounded away (KL 0.57 against blob + adapter.gguf, 64% of the top tokens the same),
+    in Q8_0 it stays (KL 0.008, 94%; F16 0.006, 96%)."""
     import gguf
 
-    qtype = t.tensor_type
+    Q = gguf.GGMLQuantizationType
+    if merged_type:
+        qtype = Q[merged_type.upper()]
+    elif t.tensor_type in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
+        qtype = t.tensor_type
+    else:
+        qtype = Q.Q8_0
     try:
         gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), qtype)
         return qtype
