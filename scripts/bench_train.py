@@ -270,8 +270,6 @@ def main():
     if args.contender:
         return child(args)
 
-    from ollama_ft.tinymodel import build_tiny_model
-
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     if args.base:  # its shape from its config
         c = json.loads((Path(args.base) / "config.json").read_text())
@@ -279,19 +277,30 @@ def main():
                                   heads=c["num_attention_heads"], intermediate=c["intermediate_size"],
                                   kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]))
         base = Path(args.base)
-    else:
-        base = build_tiny_model(work / "base", "deepseek-r1-distill-qwen-7b", **MODELS[args.model])
+    else:  # in a child: a process's peak RSS starts at its parent's RSS at the fork (Linux
+        # carries the forked memory's high-water mark over the exec), so this one stays small
+        base = work / "base"
+        subprocess.run([sys.executable, "-c", "import json, sys; from ollama_ft.tinymodel import "
+                        "build_tiny_model; build_tiny_model(sys.argv[1], "
+                        "'deepseek-r1-distill-qwen-7b', **json.loads(sys.argv[2]))", str(base),
+                        json.dumps(MODELS[args.model])], check=True, capture_output=True)
     data = work / "data.jsonl"
     make_data(data, args.examples)
-    _, _, report = encoded(base, data)
+    report = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, sys; from ollama_ft.chat_formats import FORMATS; "
+         "from ollama_ft.data.check import check_data; from transformers import AutoTokenizer; "
+         "r = check_data(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), "
+         "FORMATS['deepseek-r1'], int(sys.argv[3]))[2]; print(json.dumps(r.to_json()))",
+         str(data), str(base), str(SEQ)], check=True, capture_output=True, text=True
+    ).stdout.strip().splitlines()[-1])
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     gpu_name = ""
     if DEVICE == "cuda":
         import torch
 
         gpu_name = torch.cuda.get_device_name()
-    print(f"model {args.model} ({MODELS[args.model]}), {report.kept} examples, tokens/example "
-          f"{report.token_lengths}, steps {args.steps}, batch {BATCH} x {SEQ}", flush=True)
+    print(f"model {args.model} ({MODELS[args.model]}), {report['kept']} examples, tokens/example "
+          f"{report['token_lengths']}, steps {args.steps}, batch {BATCH} x {SEQ}", flush=True)
     results = {}
     for name in args.contenders.split(","):
         out = work / name
@@ -311,7 +320,7 @@ def main():
     ours = results.get("ollama-ft")
     gpu = DEVICE == "cuda"
     peak = peak_tflops(args.peak_tflops) if gpu else None
-    per_token = flops_per_token(MODELS[args.model], vocab, report.token_lengths["mean"])
+    per_token = flops_per_token(MODELS[args.model], vocab, report["token_lengths"]["mean"])
     lines = [f"### {args.model} model ({MODELS[args.model]}), {args.steps} steps, batch {BATCH} x {SEQ} "
              f"tokens, {'bf16 on ' + gpu_name if gpu else 'on the CPU, fp32 unless the contender says bf16'}", "",
              "| contender | tokens/s | peak RSS (MiB) | " + ("peak GPU memory (MiB) | MFU | " if gpu else "")
