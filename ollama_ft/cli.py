@@ -73,9 +73,11 @@ def _train_options(f):
         click.option("--save-steps", type=int, help="Checkpoint every N steps."),
         click.option("--logging-steps", type=int),
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None),
-        click.option("--precision", help="auto, bf16, fp16 or fp32."),
+        click.option("--precision", help="auto (bf16 on a GPU, and on a CPU with AVX512-BF16/AMX; "
+                     "else fp32), bf16, fp16 (GPU) or fp32."),
         click.option("--device", help="auto, cpu, cuda or mps."),
-        click.option("--load-in-4bit/--no-load-in-4bit", default=None, help="QLoRA (CUDA + bitsandbytes)."),
+        click.option("--load-in-4bit/--no-load-in-4bit", default=None, help="QLoRA: the base's "
+                     "linear weights in 4-bit NF4 (bitsandbytes >= 0.50; CPU or CUDA)."),
         click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint."),
         click.option("--quant", help="GGUF types to export, comma-separated (default q4_k_m)."),
         click.option("--export/--no-export", default=None, help="Stop after training."),
