@@ -98,12 +98,17 @@ def _train_options(f):
 @_train_options
 @click.option("--host", help="Ollama URL for an ollama:NAME base and for registering (default "
               "$OLLAMA_HOST or 127.0.0.1:11434).")
-def train(config_file, host, **flags):
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (weights, LoRA, optimizer, "
+              "activations, loss) and whether it fits; train nothing.")
+def train(config_file, host, dry_run, **flags):
     """Fine-tune a LoRA adapter on your data (then export and register)."""
     from ollama_ft.config import build_config
+    from ollama_ft.memplan import preflight
     from ollama_ft.pipeline import run_pipeline
 
     cfg = build_config(config_file, **flags)
+    if preflight(cfg, dry_run=dry_run, log=_echo):  # a run that cannot fit stops here
+        return
     run_pipeline(cfg, log=_echo, host=host)
 
 
