@@ -7,16 +7,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 
 log = logging.getLogger("ollama_ft.serve")
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# numpy's tofile (gguf-py writes tensors with it) reports a cut-short write without an errno
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def disk_full(exc: BaseException) -> bool:
-    """No space left, a quota, or a file past RLIMIT_FSIZE: the disk is full for us."""
-    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+    """No space left, a quota, a file past RLIMIT_FSIZE, or a write the disk cut short:
+    the disk is full for us."""
+    return isinstance(exc, OSError) and (exc.errno in DISK_FULL or (
+        exc.errno is None and bool(SHORT_WRITE.search(str(exc)))))
 
 
 def describe(exc: BaseException) -> str:

@@ -177,7 +177,9 @@ def _full_message(stage: str, e: OSError) -> str:
     import errno
 
     what = ("a file grew past the size limit set for the bridge (RLIMIT_FSIZE)"
-            if e.errno == errno.EFBIG else "no space is left on the disk")
+            if e.errno == errno.EFBIG else "no space is left on the disk"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "a write was cut short (no space left, or a file size limit)")
     return (f"the disk is full: {what} during the {stage} stage. Files finished before it are "
             "kept whole; free space on the bridge's disk, then resume the job")
 
