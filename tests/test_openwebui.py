@@ -329,7 +329,7 @@ def test_pipe_stop_cancels_the_chats_job(job_bridge, tmp_path):
         rec, pieces = Recorder(), []
 
         async def first():
-            async for piece in p.pipe(body, __user__={"id": "u"}, __metadata__=meta,
+            async for piece in p.pipe(body, __user__={"id": "u1", "role": "user"}, __metadata__=meta,
                                       __event_emitter__=rec, __request__=ChatRequest(files.url, "tok")):
                 pieces.append(piece)
 
