@@ -14,9 +14,17 @@ manifest must still be in the store ("no blob lost") and both models must still 
 Also measured while the chats wait: how long /api/tags takes and how many threads the
 bridge process holds (a queued request should hold none).
 
+With --soak SECONDS it is a soak instead (issue #21): for that long, --clients streaming
+chats over the two models, a client uploading blobs (1-8 MiB) and data files, and a
+training job, while the bridge's RSS, threads and open files are sampled every 5 s and
+/api/version is timed. The bridge cleans on a short timer meanwhile (unreferenced blobs
+older than a minute, every 30 s), so the uploads do not pile up. Reported: requests and
+errors per kind, latency percentiles, 503s, and RSS over time (first and last minute).
+
 Usage:
   python scripts/bench_serve_load.py [--chats 64] [--run RUN] [--base BASE]
                                      [--json out.json] [--markdown out.md]
+  python scripts/bench_serve_load.py --soak 300 [--clients 4] [--run RUN] [--json out.json]
 Without --run it builds a tiny R1-Distill-Qwen-shaped model and trains it on the demo
 sample first (about a minute on 2 cores). Timings go to docs/benchmarks.md; the test
 (tests/test_bridge_load.py) asserts only the outcomes, never the times.
@@ -85,6 +93,7 @@ def questions_of(run: Path) -> tuple[list[str], Path, str, str]:
 
 class Bridge:
     def __init__(self, home: Path, data_dir: Path, env: dict):
+        home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(home.parent / "serve.log", "w")
@@ -252,6 +261,201 @@ def run_load(run: Path, work: Path, chats: int, max_queue: int | None, seed: int
     return out
 
 
+# --- the soak ---------------------------------------------------------------------------------
+class Tally:
+    """Latencies and outcomes per kind of request, from several threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.seconds: dict[str, list[float]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        self.errors: list[str] = []
+
+    def add(self, kind: str, outcome: str, seconds: float | None = None, error: str = ""):
+        with self.lock:
+            c = self.counts.setdefault(kind, {})
+            c[outcome] = c.get(outcome, 0) + 1
+            if seconds is not None and outcome == "ok":
+                self.seconds.setdefault(kind, []).append(seconds)
+            if error and len(self.errors) < 50:
+                self.errors.append(f"{kind}: {error[:200]}")
+
+    def summary(self) -> dict:
+        out = {}
+        for kind, c in sorted(self.counts.items()):
+            xs = self.seconds.get(kind, [])
+            out[kind] = {**c, **({f"p{int(q * 100)}_s": round(percentile(xs, q), 4)
+                                  for q in (0.5, 0.95, 0.99)} if xs else {}),
+                         "max_s": round(max(xs, default=0), 4)}
+        return out
+
+
+def stream_chat(url: str, model: str, question: str) -> tuple[int, str, float, float]:
+    """(status, text or error, first-chunk seconds, total seconds) of a streaming chat."""
+    t0 = time.perf_counter()
+    first, text = None, []
+    with httpx.stream("POST", f"{url}/api/chat", timeout=300, json={
+            "model": model, "messages": [{"role": "user", "content": question}]}) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.json().get("error", ""), 0.0, time.perf_counter() - t0
+        for line in r.iter_lines():
+            if not line.strip():
+                continue
+            if first is None:
+                first = time.perf_counter() - t0
+            ev = json.loads(line)
+            if "error" in ev:
+                return 500, ev["error"], first, time.perf_counter() - t0
+            text.append(ev.get("message", {}).get("content", ""))
+    return 200, "".join(text), first or 0.0, time.perf_counter() - t0
+
+
+def run_soak(run: Path, work: Path, seconds: float, clients: int, seed: int = 0, log=print) -> dict:
+    import psutil
+
+    qs, data, base, fmt = questions_of(run)
+    home = work / "home"
+    env = {"OLLAMA_FT_BLOB_MAX_AGE": "60", "OLLAMA_FT_CLEAN_INTERVAL": "30"}
+    bridge = Bridge(home, Path(base).parent, env)
+    models = {"load-q4": run / "model-q4_k_m.gguf", "load-f16": run / "model-f16.gguf"}
+    tally, samples = Tally(), []
+    out: dict = {"soak_s": seconds, "clients": clients, "cpus": os.cpu_count()}
+    proc = psutil.Process(bridge.proc.pid)
+    try:
+        for name, gguf in models.items():
+            create(bridge.url, name, gguf, fmt)
+        expected = {}
+        for name in models:
+            for q in qs:
+                status, text, _ = chat(bridge.url, name, q)
+                assert status == 200, text
+                expected[name, q] = text
+        up = httpx.post(f"{bridge.url}/api/ft/uploads", params={"filename": "data.jsonl"},
+                        content=data.read_bytes(), timeout=60).json()
+        r = httpx.post(f"{bridge.url}/api/ft/jobs", timeout=60, json={
+            "name": "soakjob", "base": base, "data": up["data"], "max_steps": 100000,
+            "save_steps": 50, "batch_size": 2, "max_len": 64, "logging_steps": 5})
+        if r.status_code != 201:
+            raise SystemExit(f"the training job was refused: {r.text}")
+        job = r.json()
+        stop = threading.Event()
+        t_start = time.perf_counter()
+        end = t_start + seconds
+
+        def chatter(i):
+            rng = random.Random(seed + i)
+            while not stop.is_set() and time.perf_counter() < end:
+                model, q = rng.choice(list(models)), rng.choice(qs)
+                try:
+                    status, text, first, total = stream_chat(bridge.url, model, q)
+                except httpx.HTTPError as e:
+                    tally.add("chat", "error", error=f"{type(e).__name__}: {e}")
+                    continue
+                if status == 200 and text == expected[model, q]:
+                    tally.add("chat", "ok", total)
+                    tally.add("chat_first_chunk", "ok", first)
+                elif status == 200:
+                    tally.add("chat", "mixed_up", error=text)
+                elif status == 503:
+                    tally.add("chat", "busy_503")
+                else:
+                    tally.add("chat", "error", error=f"{status}: {text}")
+
+        def uploader():
+            rng = random.Random(seed + 100)
+            n = 0
+            while not stop.is_set() and time.perf_counter() < end:
+                n += 1
+                blob = rng.randbytes(rng.randint(1, 8) << 20)
+                digest = "sha256:" + __import__("hashlib").sha256(blob).hexdigest()
+                kind, url = (("blob", f"{bridge.url}/api/blobs/{digest}") if n % 4 else
+                             ("data_upload", f"{bridge.url}/api/ft/uploads?filename=d{n}.jsonl"))
+                t = time.perf_counter()
+                try:
+                    r = httpx.post(url, content=blob, timeout=300)
+                except httpx.HTTPError as e:
+                    tally.add(kind, "error", error=f"{type(e).__name__}: {e}")
+                    continue
+                took = time.perf_counter() - t
+                if r.status_code in (200, 201):
+                    tally.add(kind, "ok", took)
+                elif r.status_code == 503:
+                    tally.add(kind, "busy_503")
+                else:
+                    tally.add(kind, "error", error=f"{r.status_code}: {r.text}")
+                time.sleep(0.5)
+
+        def sampler():  # /api/version every second; memory, threads, files every 5 s
+            n = 0
+            while not stop.is_set() and time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    ok = httpx.get(f"{bridge.url}/api/version", timeout=30).status_code == 200
+                    tally.add("version", "ok" if ok else "error", time.perf_counter() - t)
+                except httpx.HTTPError as e:
+                    tally.add("version", "error", error=f"{type(e).__name__}: {e}")
+                n += 1
+                if n % 5 != 1:
+                    stop.wait(1)
+                    continue
+                try:
+                    jstate = httpx.get(f"{bridge.url}/api/ft/jobs/{job['id']}", timeout=30).json()
+                except httpx.HTTPError:
+                    jstate = {}
+                try:
+                    mem = proc.memory_info().rss
+                    samples.append({"t_s": round(t - t_start, 1), "rss_mb": round(mem / 2**20, 1),
+                                    "threads": proc.num_threads(), "fds": proc.num_fds(),
+                                    "job": jstate.get("state"),
+                                    "job_step": (jstate.get("progress") or {}).get("step")})
+                except psutil.Error:
+                    pass
+                stop.wait(1)
+
+        threads = [threading.Thread(target=chatter, args=(i,)) for i in range(clients)]
+        threads += [threading.Thread(target=uploader), threading.Thread(target=sampler)]
+        log(f"soak: {seconds:.0f} s of {clients} chat clients, uploads and a training job ...")
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 600)
+        stop.set()
+        final = httpx.get(f"{bridge.url}/api/ft/jobs/{job['id']}", timeout=60).json()
+        httpx.delete(f"{bridge.url}/api/ft/jobs/{job['id']}", timeout=120)
+        first_min = [s["rss_mb"] for s in samples if s["t_s"] <= 60]
+        last_min = [s["rss_mb"] for s in samples if s["t_s"] >= seconds - 60]
+        out.update(requests=tally.summary(), errors=tally.errors, samples=samples,
+                   rss_first_min_mb=[min(first_min, default=0), max(first_min, default=0)],
+                   rss_last_min_mb=[min(last_min, default=0), max(last_min, default=0)],
+                   job_state_end=final.get("state"),
+                   job_step_end=(final.get("progress") or {}).get("step"),
+                   missing_blobs=store_intact(home),
+                   models_answer_after=all(chat(bridge.url, n, qs[0])[1] == expected[n, qs[0]]
+                                           for n in models))
+    finally:
+        bridge.stop()
+    return out
+
+
+def soak_markdown(r: dict) -> str:
+    rows = ["| kind | ok | 503 | errors | p50 | p95 | p99 | max |", "|---|---|---|---|---|---|---|---|"]
+    for kind, c in r["requests"].items():
+        rows.append(f"| {kind} | {c.get('ok', 0)} | {c.get('busy_503', 0)} | "
+                    f"{c.get('error', 0) + c.get('mixed_up', 0)} | {c.get('p50_s', 0):.3f} s | "
+                    f"{c.get('p95_s', 0):.3f} s | {c.get('p99_s', 0):.3f} s | {c.get('max_s', 0):.3f} s |")
+    rss = ["", "| t (s) | RSS (MiB) | threads | fds | job | step |", "|---|---|---|---|---|---|"]
+    for s in r["samples"][::6] + r["samples"][-1:]:
+        rss.append(f"| {s['t_s']} | {s['rss_mb']} | {s['threads']} | {s['fds']} | {s['job']} | "
+                   f"{s['job_step']} |")
+    return "\n".join(rows + rss + [
+        "", f"{r['soak_s']:.0f} s, {r['clients']} chat clients, {r['cpus']} CPUs; RSS first minute "
+        f"{r['rss_first_min_mb'][0]}-{r['rss_first_min_mb'][1]} MiB, last minute "
+        f"{r['rss_last_min_mb'][0]}-{r['rss_last_min_mb'][1]} MiB; errors {len(r['errors'])}; "
+        f"blobs lost {len(r['missing_blobs'])}; models answer after: {r['models_answer_after']}; "
+        f"job {r['job_state_end']} at step {r['job_step_end']}."])
+
+
 def markdown(r: dict) -> str:
     return "\n".join([
         f"| chats | answered | 503 busy | mixed up | errors | p50 | p95 | max | /api/tags max "
@@ -271,6 +475,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chats", type=int, default=64)
     ap.add_argument("--run", type=Path, help="an exported run (model-f16.gguf, model-q4_k_m.gguf)")
     ap.add_argument("--max-queue", type=int, help="OLLAMA_MAX_QUEUE for the bridge")
+    ap.add_argument("--soak", type=float, metavar="SECONDS", help="a soak of this length instead")
+    ap.add_argument("--clients", type=int, default=4, help="chat clients of the soak")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -278,9 +484,13 @@ def main(argv=None) -> int:
     work = a.workdir or Path(tempfile.mkdtemp(prefix="ollama-ft-load-"))
     work.mkdir(parents=True, exist_ok=True)
     run = a.run or build_run(work)
-    r = run_load(run, work, a.chats, a.max_queue)
-    print(json.dumps(r, indent=2))
-    md = markdown(r)
+    if a.soak:
+        r = run_soak(run, work, a.soak, a.clients)
+        md = soak_markdown(r)
+    else:
+        r = run_load(run, work, a.chats, a.max_queue)
+        md = markdown(r)
+    print(json.dumps({k: v for k, v in r.items() if k != "samples"}, indent=2))
     print(md)
     if a.json:
         a.json.write_text(json.dumps(r, indent=2))

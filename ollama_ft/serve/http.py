@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -46,3 +47,20 @@ async def json_body(request: Request, max_body: int) -> dict:
     if not isinstance(data, dict):
         raise HTTPError(400, "request body must be a JSON object")
     return data
+
+
+BODY_STEP = 4 << 20  # bytes of a big body handed to a worker thread at a time
+
+
+async def feed(chunks, write, step: int = BODY_STEP) -> None:
+    """Pass a big body (async chunks) to `write` in steps of `step` bytes, each in a worker
+    thread: the event loop only gathers bytes, while hashing and writing (which let go of
+    the GIL) run beside it, so other requests are answered meanwhile."""
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) >= step:
+            data, buf = buf, bytearray()
+            await run_in_threadpool(write, data)
+    if buf:
+        await run_in_threadpool(write, buf)

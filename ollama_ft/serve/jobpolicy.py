@@ -97,16 +97,20 @@ class JobPolicy:
         if digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ConfigError("upload: digest must be sha256:<64 lowercase hex>")
         self.uploads.mkdir(parents=True, exist_ok=True)
+        from ollama_ft.serve.http import feed
+
         tmp = self.uploads / f".upload-{os.getpid()}-{id(chunks)}"
         h, size = hashlib.sha256(), 0
         try:
             with open(tmp, "wb") as f:
-                async for chunk in chunks:
+                def write(chunk):  # in a worker thread (feed): the event loop stays free
+                    nonlocal size
                     size += len(chunk)
                     if size > MAX_UPLOAD:
                         raise UploadTooLarge(f"upload larger than {MAX_UPLOAD} bytes")
                     h.update(chunk)
                     f.write(chunk)
+                await feed(chunks, write)
             got = "sha256:" + h.hexdigest()
             if digest is not None and got != digest:
                 raise ConfigError(f"upload: digest mismatch (received {got})")

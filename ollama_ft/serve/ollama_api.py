@@ -16,7 +16,7 @@ from starlette.routing import Route
 from ollama_ft import __version__
 from ollama_ft.errors import OllamaError
 from ollama_ft.serve import generation as g
-from ollama_ft.serve.http import error, json_body, now_iso
+from ollama_ft.serve.http import error, feed, json_body, now_iso
 from ollama_ft.serve.incidents import disk_full, incident
 from ollama_ft.serve.store import DigestMismatch, NotFound
 
@@ -103,9 +103,8 @@ class OllamaAPI:
         with self.b.uploads.hold():  # 503 past OLLAMA_FT_MAX_UPLOADS
             w = self.store.blob_writer(digest, self.b.max_blob).open()
             try:
-                async for chunk in request.stream():  # hashed on the loop, 1 MiB at most a step
-                    w.write(chunk)
-                await run_in_threadpool(w.commit)  # fsync and rename: off the event loop
+                await feed(request.stream(), w.write)  # hashed and written off the event loop
+                await run_in_threadpool(w.commit)  # fsync and rename too
             except DigestMismatch:
                 return error(400, "digest mismatch")
             except OllamaError as e:
