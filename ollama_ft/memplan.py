@@ -290,10 +290,14 @@ def plan(shape: ModelShape, s: Settings, available: int | None = None) -> Plan:
 
 
 # --- options to suggest ---------------------------------------------------------------------
-def alternatives(shape: ModelShape, s: Settings, available: int, four_bit_ok: bool) -> list[Plan]:
-    """Changes that fit, smallest change first: halve the batch (more grad-accum), checkpointing
-    on, shorter rows, 4-bit weights, 16-bit weights."""
+def alternatives(shape: ModelShape, s: Settings, available: int, four_bit_ok: bool,
+                 bf16_ok: bool = False) -> list[Plan]:
+    """Changes that fit, smallest change first: bf16 weights where the device computes bf16,
+    halve the batch (more grad-accum), checkpointing on, shorter rows, 4-bit weights."""
     tries: list[Settings] = []
+    if bf16_ok and s.precision == "fp32" and not s.load_in_4bit:
+        tries.append(s.replace(precision="bf16"))
+        s = s.replace(precision="bf16")  # and every other change on top of it
     b = s.batch_size
     while b > 1:
         b //= 2
@@ -334,6 +338,8 @@ def describe_change(old: Settings, new: Settings, grad_accum: int = 1) -> str:
                    else "--no-gradient-checkpointing")
     if new.load_in_4bit != old.load_in_4bit:
         out.append("--load-in-4bit")
+    if new.precision != old.precision:
+        out.append(f"--precision {new.precision}")
     return " ".join(out)
 
 
@@ -409,7 +415,7 @@ def preflight(cfg, dry_run: bool = False, log=print) -> bool:
             log(line)
     if p.fits is False:
         four_bit = _bitsandbytes_available()
-        alts = alternatives(shape, settings, p.available, four_bit)
+        alts = alternatives(shape, settings, p.available, four_bit, _bf16_ok(device))
         advice = "; ".join(f"{describe_change(settings, a.settings, cfg.grad_accum)} "
                            f"(~{_gib(a.required).strip()})" for a in alts)
         msg = (f"memory plan: this run needs about {_gib(p.required).strip()} on {device} and "
@@ -422,6 +428,14 @@ def preflight(cfg, dry_run: bool = False, log=print) -> bool:
             return True
         raise MemoryPlanError(msg)
     return dry_run
+
+
+def _bf16_ok(device: str) -> bool:
+    if device == "cpu":
+        from ollama_ft.train.precision import cpu_has_bf16
+
+        return cpu_has_bf16()
+    return device == "cuda"
 
 
 def _bitsandbytes_available() -> bool:

@@ -258,6 +258,11 @@ class _Ggml:
         self.quantize_chunk.restype = sz
         self.validate = lib.ggml_validate_row_data
         self.validate.argtypes, self.validate.restype = [ctypes.c_int, ctypes.c_void_p, sz], ctypes.c_bool
+        self.to_f32 = {}  # ggml_type -> its row converter to fp32 (SIMD, outside the GIL)
+        for ttype, fn in ((GGML_F16, "ggml_fp16_to_fp32_row"), (GGML_BF16, "ggml_bf16_to_fp32_row")):
+            f = getattr(lib, fn)
+            f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, i64], None
+            self.to_f32[ttype] = f
 
     def nbytes(self, ttype: int, shape: tuple[int, ...]) -> int:
         return self.row_size(ttype, shape[0]) * math.prod(shape[1:])
@@ -402,18 +407,16 @@ class _Blocks:
         import numpy as np
 
         n = src.shape[0]
-        raw = self._read(pos, self.ggml.row_size(src.type, n) * nrows)
-        if src.type == GGML_F32:
-            rows = np.frombuffer(raw, np.float32)
-        elif src.type == GGML_F16:
-            rows = np.frombuffer(raw, np.float16).astype(np.float32)
-        else:  # bf16: the high half of an fp32
-            rows = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        rows = np.ascontiguousarray(rows)
-        if not np.isfinite(rows).all():
+        raw = np.frombuffer(self._read(pos, self.ggml.row_size(src.type, n) * nrows), np.uint8)
+        if not self.ggml.validate(src.type, raw.ctypes.data, raw.nbytes):  # NaN or inf
             raise QuantizeError(f"tensor {src.name}: the merged weights hold NaN or infinite "
                                 "values; the adapter (or the base) is damaged: train again or "
                                 "export an earlier checkpoint")
+        if src.type == GGML_F32:
+            rows = raw.view(np.float32)
+        else:
+            rows = np.empty(n * nrows, np.float32)
+            self.ggml.to_f32[src.type](raw.ctypes.data, rows.ctypes.data, n * nrows)
         out = np.empty(self.ggml.row_size(out_type, n) * nrows, np.uint8)
         size = self.ggml.quantize_chunk(out_type, rows.ctypes.data, out.ctypes.data, 0, nrows, n,
                                         None)
