@@ -19,7 +19,7 @@ the RSS of the whole process tree (sampled every 0.1 s: the worker processes tog
 
     python scripts/bench_data.py                       # 300k conversations
     python scripts/bench_data.py --examples 20000 --runs first,second
-    python scripts/bench_data.py --markdown docs/benchmarks-pending-20.md
+    python scripts/bench_data.py --markdown docs/benchmarks.md
 """
 
 from __future__ import annotations

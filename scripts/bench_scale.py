@@ -20,7 +20,7 @@ peak happened and how much of it was file pages):
     python scripts/bench_scale.py --size 7b --steps export,register --work /work/scale
     python scripts/bench_scale.py --size tiny --work /tmp/scale-tiny
 
-Figures: docs/benchmarks-pending-20-scale.md. Every step's command line is printed and kept
+Figures: docs/benchmarks.md ("Real sizes"). Every step's command line is printed and kept
 in the JSON, so each figure says what measured it.
 """
 

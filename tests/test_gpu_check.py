@@ -4,6 +4,7 @@ so the GPU check cannot rot between the rare runs on a lent GPU. No figure is as
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_dry_mode_runs_every_part_and_writes_one_json(tmp_path):
     out = tmp_path / "gpu-check.json"
-    env = {**os.environ, "GPU_CHECK_DRY": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHON": sys.executable}  # this interpreter, wherever the checkout's .venv is
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -27,7 +27,7 @@ MIB = 2**20
 #   python scripts/bench_scale.py --size SIZE --work W --steps train --train BxL[,nockpt]
 #          --max-steps 2 [--precision fp32]
 # which runs `ollama-ft train --base W/SIZE/base ... --batch-size B --max-len L` (docs:
-# benchmarks-pending-20-scale.md). peak: ru_maxrss of that process; anon: the largest anonymous
+# benchmarks.md, "Real sizes"). peak: ru_maxrss of that process; anon: the largest anonymous
 # resident set sampled in it. fit: the runs the constants were fitted on; the others are checks
 # the constants never saw.
 RECORDED = [
