@@ -11,7 +11,9 @@ training text, and the `trained` spans are where the loss is taken.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -206,3 +208,50 @@ def detect_format(chat_template: str | None) -> ChatFormat | None:
         if all(s in chat_template for s in fmt.signature):
             return fmt
     return None
+
+
+def base_chat_template(path: Path) -> str | None:
+    """A checkpoint's Jinja chat template: tokenizer_config.json's (the default one of a named
+    list), else chat_template.jinja; None when it has none."""
+    template = None
+    tc = path / "tokenizer_config.json"
+    if tc.is_file():
+        template = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja = path / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return template if isinstance(template, str) else None
+
+
+def checkpoint_chat_format(path: Path, entry=None, where: str = "the base") -> tuple[ChatFormat, str]:
+    """The chat format of a checkpoint folder and why: the format its chat template carries;
+    without one, the catalogue entry's (`entry`, a catalog.BaseModel), else what its
+    tokenizer's special tokens say. Training and every later stage use this one rule."""
+    template = base_chat_template(Path(path))
+    if template:
+        fmt = detect_format(template)
+        if fmt is None:
+            from ollama_ft.errors import BaseModelError
+
+            raise BaseModelError(f"{where}: its chat template is not one of the DeepSeek formats "
+                                 f"we know ({', '.join(FORMATS)}); pass --chat-format NAME to "
+                                 "train with one of them")
+        return fmt, "detected from the tokenizer's chat template"
+    if entry is not None:
+        return FORMATS[entry.chat_format], f"base model without a chat template: {entry.alias} format"
+    vocab = _special_tokens(Path(path))
+    if "<|EOT|>" in vocab:
+        return FORMATS["deepseek-coder"], "base model without a chat template: deepseek-coder tokenizer"
+    if "<｜User｜>" in vocab:
+        return FORMATS["deepseek-r1"], "base model without a chat template: R1 tokenizer"
+    return FORMATS["deepseek-llm"], "base model without a chat template: deepseek-llm format"
+
+
+def _special_tokens(path: Path) -> set[str]:
+    tj = path / "tokenizer.json"
+    if not tj.is_file():
+        return set()
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    return {t.get("content", "") for t in data.get("added_tokens", [])}

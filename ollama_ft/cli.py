@@ -8,6 +8,7 @@ import click
 
 from ollama_ft import __version__
 from ollama_ft.errors import OllamaFtError
+from ollama_ft.quants import DEFAULT_QUANT, quants_help
 
 
 class Group(click.Group):
@@ -35,63 +36,35 @@ def main():
 
 
 # --- train -----------------------------------------------------------------------------------
+def _flag(fld):
+    """The click option of one RunConfig field, from its type and metadata (config._f)."""
+    flag = "--" + fld.name.replace("_", "-")
+    meta = fld.metadata
+    help_text = meta.get("help", "")
+    if meta.get("choices"):
+        help_text += f" One of {', '.join(meta['choices'])}."
+    if fld.default not in (None, "", -1) and "bool" not in fld.type and "default" not in help_text:
+        help_text += f" (default {fld.default})"
+    if "bool" in fld.type:
+        return click.option(f"{flag}/--no-{flag[2:]}", default=None,
+                            help=f"{help_text} (default {'on' if fld.default else 'off'})")
+    kind = {"file": click.Path(dir_okay=False), "dir": click.Path(file_okay=False)}
+    typ = kind.get(meta.get("path")) or (int if fld.type.startswith("int") else
+                                         float if fld.type.startswith("float") else None)
+    return click.option(flag, type=typ, help=help_text)
+
+
 def _train_options(f):
-    opts = [
-        click.option("--base", help="Local checkpoint folder, Hugging Face repo id, alias, "
-                     "or ollama:NAME[:TAG] (a model of your Ollama; see `ollama-ft models`)."),
-        click.option("--data", type=click.Path(dir_okay=False), help="Training data: JSONL, JSON, "
-                     "CSV or Parquet."),
-        click.option("--name", help="Run and model name (runs/NAME)."),
-        click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory "
-                     "(default runs/NAME)."),
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="YAML file with the same keys as the flags; flags win."),
-        click.option("--epochs", type=float), click.option("--max-steps", type=int),
-        click.option("--lr", type=float, help="Learning rate (default 2e-4)."),
-        click.option("--batch-size", type=int), click.option("--grad-accum", type=int),
-        click.option("--max-len", type=int, help="Longest example in tokens (default 2048)."),
-        click.option("--packing/--no-packing", default=None, help="Pack several examples per row "
-                     "of max-len tokens (default on; examples never attend to each other)."),
-        click.option("--warmup", type=float, help="Warmup: a ratio < 1 or a number of steps."),
-        click.option("--scheduler", help="linear, cosine (default), constant, ..."),
-        click.option("--weight-decay", type=float),
-        click.option("--lora-r", type=int), click.option("--lora-alpha", type=int),
-        click.option("--lora-dropout", type=float),
-        click.option("--lora-targets", help="Comma-separated modules (default: every linear)."),
-        click.option("--dora/--no-dora", default=None), click.option("--rslora/--no-rslora", default=None),
-        click.option("--eval-split", type=float, help="Fraction of the data held out for eval."),
-        click.option("--eval-data", type=click.Path(dir_okay=False)),
-        click.option("--early-stopping-patience", type=int),
-        click.option("--report-to", help="Where training metrics also go: tensorboard (default, "
-                     "RUN/tensorboard), mlflow, wandb (comma-separated; pip install mlflow or "
-                     "wandb), or none."),
-        click.option("--format", help="Data format: messages, sharegpt, alpaca, prompt-response, "
-                     "input-output (default: detected)."),
-        click.option("--chat-format", help="Force a chat format (deepseek-r1, deepseek-r1-0528, "
-                     "deepseek-llm, deepseek-coder)."),
-        click.option("--seed", type=int),
-        click.option("--save-steps", type=int, help="Checkpoint every N steps."),
-        click.option("--logging-steps", type=int),
-        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None),
-        click.option("--precision", help="auto (bf16 on a GPU, and on a CPU with AVX512-BF16/AMX; "
-                     "else fp32), bf16, fp16 (GPU) or fp32."),
-        click.option("--device", help="auto, cpu, cuda or mps."),
-        click.option("--load-in-4bit/--no-load-in-4bit", default=None, help="QLoRA: the base's "
-                     "linear weights in 4-bit NF4 (bitsandbytes >= 0.50; CPU or CUDA)."),
-        click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint."),
-        click.option("--quant", help="GGUF types to export, comma-separated (default q4_k_m)."),
-        click.option("--export/--no-export", default=None, help="Stop after training."),
-        click.option("--register/--no-register", default=None, help="Do not register with Ollama."),
-        click.option("--merged/--no-merged", default=None, help="With an ollama:NAME base: "
-                     "register the base with the LoRA merged in instead of FROM base + ADAPTER "
-                     "(automatic on daemons that refuse adapters)."),
-        click.option("--allow-pickle/--no-allow-pickle", default=None,
-                     help="Accept .bin (pickle) weights."),
-        click.option("--trust-remote-code/--no-trust-remote-code", default=None),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    """Every RunConfig field as a flag (its help, type and default from config.py), and
+    --config."""
+    import dataclasses
+
+    from ollama_ft.config import RunConfig
+
+    for fld in reversed([x for x in dataclasses.fields(RunConfig) if x.name != "extra"]):
+        f = _flag(fld)(f)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="YAML file with the same keys as the flags; flags win.")(f)
 
 
 @main.command()
@@ -131,10 +104,10 @@ def data_check(file, base, shape, chat_format, max_len, as_json, host):
     """Check FILE: format, rejects, duplicates, token lengths, truncation."""
     import json
 
+    from ollama_ft.config import RunConfig
     from ollama_ft.data.check import check_data
     from ollama_ft.hub import resolve_base
     from ollama_ft.train.trainer import load_tokenizer
-    from ollama_ft.config import RunConfig
 
     resolved = resolve_base(base, chat_format=chat_format, host=host, log=_echo)
     tokenizer = load_tokenizer(resolved, RunConfig())
@@ -161,7 +134,7 @@ def models(host):
     as --base ollama:NAME, or why not)."""
     from ollama_ft.catalog import CATALOG
     from ollama_ft.errors import BaseModelError
-    from ollama_ft.ollama_base.source import list_models
+    from ollama_ft.ollama.daemon import list_models
 
     rows = [("ALIAS", "HUGGING FACE REPO", "ARCH", "CHAT FORMAT", "SIZE", "")]
     for m in CATALOG:
@@ -186,17 +159,16 @@ def models(host):
 # --- export / modelfile / register -------------------------------------------------------------
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--quant", help="Comma-separated GGUF types: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, "
-              "q6_k, q4_0, ... (default: the run's quant, q4_k_m).")
+@click.option("--quant", help=quants_help() + "; the run's quant when not given.")
 @click.option("--adapter-only", is_flag=True, help="Write adapter.gguf (LoRA) plus the base GGUF.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), help="The base folder, if it moved.")
 @click.option("--threads", type=int, help="CPU threads (default: all cores).")
 def export(run, quant, adapter_only, base_dir, threads):
     """Merge the run's adapter into its base and write GGUF files (RUN/model-<type>.gguf)."""
-    from ollama_ft.export import export_stage
+    from ollama_ft.pipeline import export_run
 
-    result = export_stage(run, quants=quant, adapter_only=adapter_only, log=_echo, base=base_dir,
-                          threads=threads)
+    result = export_run(run, quants=quant, adapter_only=adapter_only, log=_echo, base=base_dir,
+                        threads=threads)
     for line in result.summary_lines():
         click.echo(line)
 
@@ -278,12 +250,10 @@ def modelfile(run, name, params, template_file, system, quant, adapter):
 def register(run, name, host, params, template_file, system, quant, adapter, merged):
     """Register the run's GGUF with Ollama (or the bridge); check what it feeds the model."""
     from ollama_ft.ollama.templates import parse_overrides
-    from ollama_ft.pipeline import register_stage
+    from ollama_ft.pipeline import export_run, register_stage
 
     if merged:
-        from ollama_ft.export import export_stage
-
-        export_stage(run, merged=True, log=_echo)
+        export_run(run, merged=True, log=_echo)
     register_stage(run, name, host=host, system=system, overrides=parse_overrides(params),
                    template_file=template_file, quant=quant, adapter=adapter, log=_echo,
                    merged=merged or None)
@@ -376,7 +346,7 @@ def openwebui():
 @click.option("--bridge-api-key", help="Valve: the bridge's --api-key.")
 @click.option("--base", help="Valve: the base when a message names none (default deepseek-r1:1.5b).")
 @click.option("--epochs", type=float, help="Valve: epochs when a message says none (default 3).")
-@click.option("--quant", help="Valve: GGUF type(s) to export (default q4_k_m).")
+@click.option("--quant", help=f"Valve: GGUF type(s) to export (default {DEFAULT_QUANT}).")
 def openwebui_install(url, token, print_only, bridge_url, bridge_api_key, base, epochs, quant):
     """Install the "ollama-ft trainer" Pipe into a running Open WebUI (or --print it)."""
     from ollama_ft.openwebui.install import install_pipe, pipe_source

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ollama_ft.errors import ConfigError
+from ollama_ft.quants import DEFAULT_QUANT, parse_quants, quants_help
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
               "polynomial", "inverse_sqrt")
@@ -27,57 +28,78 @@ def report_targets(value: str | None) -> list[str]:
     return out or ["none"]
 
 
+def _f(default, help: str = "", choices: tuple[str, ...] | None = None, path: str | None = None):
+    """A RunConfig field with what the CLI makes its flag from: help, choices, and for paths
+    whether they name a "file" or a "dir"."""
+    return field(default=default, metadata={"help": help, "choices": choices, "path": path})
+
+
 @dataclass
 class RunConfig:
-    name: str | None = None
-    base: str | None = None
-    data: str | None = None
-    output_dir: str | None = None
+    name: str | None = _f(None, "Run and model name (runs/NAME).")
+    base: str | None = _f(None, "Local checkpoint folder, Hugging Face repo id, alias, or "
+                          "ollama:NAME[:TAG] (a model of your Ollama; see `ollama-ft models`).")
+    data: str | None = _f(None, "Training data: JSONL, JSON, CSV or Parquet.", path="file")
+    output_dir: str | None = _f(None, "Run directory (default runs/NAME).", path="dir")
     # data
-    format: str | None = None
-    chat_format: str | None = None
-    eval_split: float = 0.0
-    eval_data: str | None = None
-    max_len: int = 2048
-    packing: bool = True
+    format: str | None = _f(None, "Data format: messages, sharegpt, alpaca, prompt-response, "
+                            "input-output (default: detected).")
+    chat_format: str | None = _f(None, "Force a chat format (deepseek-r1, deepseek-r1-0528, "
+                                 "deepseek-llm, deepseek-coder).")
+    eval_split: float = _f(0.0, "Fraction of the data held out for eval.")
+    eval_data: str | None = _f(None, "Held-out examples for eval (the training data's format).",
+                               path="file")
+    max_len: int = _f(2048, "Longest example in tokens.")
+    packing: bool = _f(True, "Pack several examples per row of max-len tokens (examples never "
+                       "attend to each other).")
     # optimisation
-    epochs: float = 3.0
-    max_steps: int = -1
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup: float = 0.03
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    gradient_checkpointing: bool = True  # the memory of one layer's activations; costs ~20%
-    precision: str = "auto"
-    device: str = "auto"
+    epochs: float = _f(3.0, "Passes over the training data.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
+    lr: float = _f(2e-4, "Learning rate.")
+    batch_size: int = _f(4, "Rows per step on each device.")
+    grad_accum: int = _f(1, "Steps whose gradients are summed before the optimizer steps.")
+    warmup: float = _f(0.03, "Warmup: a ratio < 1 or a number of steps.")
+    scheduler: str = _f("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    seed: int = _f(42, "Seed of the LoRA initialisation, shuffling and the eval split.")
+    # the memory of one layer's activations; costs ~20%
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass (less "
+                                      "memory, ~20% slower).")
+    precision: str = _f("auto", "auto: bf16 on a GPU, and on a CPU with AVX512-BF16/AMX, else "
+                        "fp32; fp16 on a GPU only.", choices=PRECISIONS)
+    device: str = _f("auto", "Where to train.", choices=DEVICES)
     # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None
-    dora: bool = False
-    rslora: bool = False
-    load_in_4bit: bool = False
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA inputs.")
+    lora_targets: list[str] | None = _f(None, "Comma-separated modules (default: every linear "
+                                        "layer of the decoder).")
+    dora: bool = _f(False, "DoRA: weight-decomposed LoRA.")
+    rslora: bool = _f(False, "rsLoRA: scale by alpha / sqrt(r).")
+    load_in_4bit: bool = _f(False, "QLoRA: the base's linear weights in 4-bit NF4 "
+                            "(bitsandbytes >= 0.50; CPU or CUDA).")
     # bookkeeping
-    logging_steps: int = 5
-    save_steps: int = 100
-    save_total_limit: int = 3
-    eval_steps: int | None = None
-    early_stopping_patience: int | None = 3
-    report_to: str = "tensorboard"  # comma-separated: tensorboard, mlflow, wandb; or none
-    resume: bool = False
+    logging_steps: int = _f(5, "Log the loss every N steps.")
+    save_steps: int = _f(100, "Checkpoint every N steps.")
+    save_total_limit: int = _f(3, "Checkpoints kept.")
+    eval_steps: int | None = _f(None, "Evaluate every N steps (default: at each checkpoint).")
+    early_stopping_patience: int | None = _f(3, "Stop after N evaluations without improvement.")
+    report_to: str = _f("tensorboard", "Where training metrics also go: tensorboard "
+                        "(RUN/tensorboard), mlflow, wandb (comma-separated; pip install mlflow "
+                        "or wandb), or none.")
+    resume: bool = _f(False, "Continue from the newest checkpoint.")
     # later stages
-    quant: str = "q4_k_m"
-    merged: bool = False  # an `ollama:NAME` base: register base + LoRA merged, not an ADAPTER
-    export: bool = True
-    register: bool = True
+    quant: str = _f(DEFAULT_QUANT, quants_help())
+    merged: bool = _f(False, "With an ollama:NAME base: register the base with the LoRA merged "
+                      "in instead of FROM base + ADAPTER (automatic on daemons that refuse "
+                      "adapters).")
+    export: bool = _f(True, "Export GGUF files after training (--no-export: stop after "
+                      "training).")
+    register: bool = _f(True, "Register the model with Ollama after export.")
     # trust
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
+    allow_pickle: bool = _f(False, "Accept .bin (pickle) weights.")
+    trust_remote_code: bool = _f(False, "Run the checkpoint's own modelling code.")
     extra: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------------
@@ -112,8 +134,6 @@ class RunConfig:
             "none" not in reports or len(reports) == 1),
             f"'none' or a comma-separated list of {', '.join(REPORT_TARGETS[1:])}")
         if self.export:
-            from ollama_ft.export.quantize import parse_quants
-
             parse_quants(self.quant)  # a bad --quant fails now, not after training
         if self.name and not _valid_name(self.name):
             raise ConfigError(f"{where}: name {self.name!r} must start with a letter or digit and "

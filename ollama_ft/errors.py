@@ -30,5 +30,13 @@ class ExportError(OllamaFtError):
     """Merging or converting to GGUF failed because of the inputs."""
 
 
+class RunDirError(ExportError):
+    """A run directory without what a stage needs (run.yaml, report.json, adapter/, its base)."""
+
+
+class QuantTypeError(ExportError):
+    """An unknown or unsupported --quant type."""
+
+
 class OllamaError(OllamaFtError):
     """Registration or the Ollama API failed."""

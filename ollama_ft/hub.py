@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ollama_ft import catalog
-from ollama_ft.chat_formats import FORMATS, ChatFormat, detect_format
+from ollama_ft.chat_formats import FORMATS, ChatFormat, checkpoint_chat_format
 from ollama_ft.errors import BaseModelError
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -40,7 +40,7 @@ class ResolvedBase:
     chat_format_reason: str
     entry: catalog.BaseModel | None = None
     config: dict | None = None
-    ollama: object = None  # ollama_base.source.OllamaBase for `--base ollama:NAME`
+    ollama: object = None  # ollama.daemon.OllamaBase for `--base ollama:NAME`
 
     def describe(self) -> str:
         where = self.repo_id or str(self.path)
@@ -52,15 +52,13 @@ def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bo
                  chat_format: str | None = None, revision: str | None = None,
                  cache_dir: str | None = None, token: str | None = None,
                  host: str | None = None, log=print) -> ResolvedBase:
-    from ollama_ft.ollama_base.source import is_ollama_spec
+    from ollama_ft.ollama.daemon import is_ollama_spec
 
     if is_ollama_spec(spec):  # a model of an Ollama daemon (OLLAMA_HOST, or host)
-        from ollama_ft.ollama_base.resolve import resolve_ollama_base
-
         if chat_format:
             raise BaseModelError(f"--base {spec}: an Ollama base trains on the TEMPLATE the "
                                  "daemon serves it with; --chat-format does not apply")
-        return resolve_ollama_base(spec, host, log=log)
+        return _ollama_base(spec, host, log=log)
     path = Path(spec).expanduser()
     entry = None
     if path.exists():
@@ -76,11 +74,9 @@ def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bo
             repo_id = spec
             entry = catalog.lookup_repo(spec)
         elif _daemon_has(spec, host):  # a name from your Ollama's list, without the prefix
-            from ollama_ft.ollama_base.resolve import resolve_ollama_base
-
             log(f"--base {spec}: not a folder, alias or Hugging Face repo, but a model of your "
                 f"Ollama: using ollama:{spec}")
-            return resolve_ollama_base("ollama:" + spec, host, log=log)
+            return _ollama_base("ollama:" + spec, host, log=log)
         else:
             raise BaseModelError(f"--base {spec!r}: not a folder, a known alias, a Hugging Face "
                                  "repo id (org/name) or a model of your Ollama (ollama:NAME); "
@@ -94,9 +90,29 @@ def resolve_base(spec: str, *, allow_pickle: bool = False, trust_remote_code: bo
                               trust_remote_code=trust_remote_code, chat_format=chat_format)
 
 
+def _ollama_base(spec: str, host: str | None = None, log=print) -> ResolvedBase:
+    """`--base ollama:NAME`: the daemon's model, its GGUF dequantized into a cached checkpoint
+    (by blob digest), and its own TEMPLATE as the chat format."""
+    from ollama_ft.ollama.daemon import read_base
+    from ollama_ft.ollama_base.checkpoint import cached_checkpoint
+    from ollama_ft.ollama_base.resolve import chat_format_of
+
+    ob = read_base(spec, host)
+    log(f"base: {ob.name} from Ollama {ob.version} at {ob.host} ({ob.architecture}, {ob.quant}, "
+        f"{ob.digest[:19]})")
+    path = Path(cached_checkpoint(ob.blob, ob.digest, log=log))
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    hf_arch = (config.get("architectures") or ["?"])[0]
+    if hf_arch not in catalog.ARCHITECTURES:
+        raise BaseModelError(f"--base {spec}: architecture {hf_arch} is not supported")
+    short, gguf_arch = catalog.ARCHITECTURES[hf_arch]
+    return ResolvedBase(spec, path, "ollama", None, hf_arch, short, gguf_arch, chat_format_of(ob),
+                        f"the TEMPLATE Ollama serves {ob.name} with", None, config, ob)
+
+
 def _daemon_has(spec: str, host: str | None) -> bool:
     """Whether the Ollama daemon (OLLAMA_HOST / host) answers and has a model named spec."""
-    from ollama_ft.ollama_base.source import model_name, show
+    from ollama_ft.ollama.daemon import model_name, show
 
     try:
         show(model_name(spec), host)
@@ -224,35 +240,6 @@ def _chat_format(path: Path, entry, forced: str | None, where: str) -> tuple[Cha
         if forced not in FORMATS:
             raise BaseModelError(f"--chat-format {forced!r} is unknown; known: {', '.join(FORMATS)}")
         return FORMATS[forced], "chosen with --chat-format"
-    template = None
-    tc = path / "tokenizer_config.json"
-    if tc.is_file():
-        template = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja = path / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    if template:
-        fmt = detect_format(template)
-        if fmt is None:
-            raise BaseModelError(f"{where}: its chat template is not one of the DeepSeek formats "
-                                 f"we know ({', '.join(FORMATS)}); pass --chat-format NAME to "
-                                 "train with one of them")
-        return fmt, "detected from the tokenizer's chat template"
-    if entry is not None:
-        return FORMATS[entry.chat_format], f"base model without a chat template: {entry.alias} format"
-    vocab = _vocab_specials(path)
-    if "<|EOT|>" in vocab:
-        return FORMATS["deepseek-coder"], "base model without a chat template: deepseek-coder tokenizer"
-    if "<｜User｜>" in vocab:
-        return FORMATS["deepseek-r1"], "base model without a chat template: R1 tokenizer"
-    return FORMATS["deepseek-llm"], "base model without a chat template: deepseek-llm format"
+    return checkpoint_chat_format(path, entry, where)
 
 
-def _vocab_specials(path: Path) -> set[str]:
-    tj = path / "tokenizer.json"
-    if not tj.is_file():
-        return set()
-    data = json.loads(tj.read_text(encoding="utf-8"))
-    return {t.get("content", "") for t in data.get("added_tokens", [])}

@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -458,8 +457,8 @@ def soak_markdown(r: dict) -> str:
 
 def markdown(r: dict) -> str:
     return "\n".join([
-        f"| chats | answered | 503 busy | mixed up | errors | p50 | p95 | max | /api/tags max "
-        f"| bridge threads (max) | registrations (failed) | blobs lost |",
+        "| chats | answered | 503 busy | mixed up | errors | p50 | p95 | max | /api/tags max "
+        "| bridge threads (max) | registrations (failed) | blobs lost |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {r['chats']} | {r['answered']} | {r['busy_503']} | {r['mixed_up']} | {len(r['errors'])} "
         f"| {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | {r['max_s']:.2f} s | {r['tags_max_s']:.2f} s "

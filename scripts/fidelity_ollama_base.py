@@ -109,7 +109,8 @@ def fixtures(quant: str, root: Path) -> list[dict]:
     import httpx
 
     from bench_export import fetch_converter
-    from ollama_ft.export.quantize import QUANT_TYPES, llama_quantize
+    from ollama_ft.export.quantize import llama_quantize
+    from ollama_ft.quants import QUANT_TYPES
     from ollama_ft.ollama.client import sha256_file
     from ollama_ft.tinymodel import build_tiny_model
     from smollm2_from_ollama import start

@@ -99,42 +99,81 @@ def free_port() -> int:
 
 
 class Server:
-    """`ollama-ft serve` in a subprocess on a free loopback port."""
+    """`ollama-ft serve` in a subprocess on a free loopback port: the tests' one start/stop
+    helper. --embedded unless the args say --upstream (never proxy a developer's own Ollama);
+    `fsize`: the process's RLIMIT_FSIZE (a disk that fills: writes past it fail with EFBIG);
+    `api_key`: started with --api-key, and sent by get/post/request. The caller's
+    OLLAMA_FT_API_KEY is not inherited."""
 
-    def __init__(self, home: Path, *args, env=None):
-        import subprocess
+    def __init__(self, home: Path, *args, env=None, fsize: int | None = None,
+                 api_key: str | None = None, port: int | None = None):
+        import resource
+        import signal
         import sys
         import time
-        import urllib.request
 
-        self.port = free_port()
+        import httpx
+
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(home.parent / f"serve-{self.port}.log", "w")
-        mode = [] if "--upstream" in args else ["--embedded"]  # never proxy a dev's own Ollama
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.log_path = self.home.parent / f"serve-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        mode = [] if "--upstream" in args else ["--embedded"]
+        extra = ["--api-key", api_key] if api_key else []
+
+        def limit():
+            if fsize is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+        env = {**{k: v for k, v in os.environ.items() if k != "OLLAMA_FT_API_KEY"}, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ollama_ft", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--home", str(home), *mode, *args], stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
+             "--home", str(self.home), *mode, *extra, *args], stdout=self.log,
+            stderr=subprocess.STDOUT, env=env, preexec_fn=limit if fsize is not None else None)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
-                urllib.request.urlopen(self.url + "/", timeout=1)
-                return
-            except Exception as e:  # not up yet
-                if getattr(e, "code", None) == 401:
-                    return
+                httpx.get(self.url + "/api/version", timeout=1, headers=self.headers)
+                return  # any answer (a 401 too): it is up
+            except httpx.HTTPError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"serve exited: {Path(self.log.name).read_text()}")
+                    raise RuntimeError(f"serve exited: {self.log_path.read_text()}")
                 time.sleep(0.2)
         raise RuntimeError("serve did not start")
 
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
+    def request(self, method, path, **kw):
+        import httpx
+
+        return httpx.request(method, self.url + path, timeout=kw.pop("timeout", 60), headers={
+            **self.headers, **kw.pop("headers", {})}, **kw)
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, **kw):
+        return self.request("POST", path, **kw)
+
+    def kill9(self):
+        self.proc.kill()  # SIGKILL: no shutdown code runs
+        self.proc.wait(10)
         self.log.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import FACTS, free_port, qa_rows, write_jsonl
+from tests.conftest import FACTS, qa_rows, write_jsonl
+from tests.conftest import Server as Bridge
 
 BUSY = "server busy, please try again."
 
@@ -48,72 +46,6 @@ def tiny_gguf(path: Path, ctx: int = 256, seed: int = 0) -> Path:
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class Bridge:
-    """`ollama-ft serve --embedded` on a free loopback port, optionally under RLIMIT_FSIZE."""
-
-    def __init__(self, home: Path, *args, env=None, fsize: int | None = None, api_key=None,
-                 port: int | None = None):
-        self.home = Path(home)
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.log_path = self.home.parent / f"serve-{self.port}.log"
-        self.log = open(self.log_path, "w")
-        extra = ["--api-key", api_key] if api_key else []
-
-        def limit():
-            if fsize is not None:  # a disk that fills: writes past fsize fail with EFBIG
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-        env = {**{k: v for k, v in os.environ.items() if k != "OLLAMA_FT_API_KEY"}, **(env or {})}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ollama_ft", "serve", "--embedded", "--listen",
-             f"127.0.0.1:{self.port}", "--home", str(self.home), *extra, *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                httpx.get(self.url + "/api/version", timeout=1, headers=self.headers)
-                return
-            except httpx.HTTPError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"serve exited: {self.log_path.read_text()}")
-                time.sleep(0.2)
-        raise RuntimeError("serve did not start")
-
-    def get(self, path, **kw):
-        return httpx.get(self.url + path, timeout=kw.pop("timeout", 60), headers={
-            **self.headers, **kw.pop("headers", {})}, **kw)
-
-    def post(self, path, **kw):
-        return httpx.post(self.url + path, timeout=kw.pop("timeout", 60), headers={
-            **self.headers, **kw.pop("headers", {})}, **kw)
-
-    def request(self, method, path, **kw):
-        return httpx.request(method, self.url + path, timeout=kw.pop("timeout", 60), headers={
-            **self.headers, **kw.pop("headers", {})}, **kw)
-
-    def kill9(self):
-        self.proc.kill()  # SIGKILL: no shutdown code runs
-        self.proc.wait(10)
-        self.log.close()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
 
 
 def put_blob(b: Bridge, data: bytes) -> str:

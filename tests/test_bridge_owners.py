@@ -135,7 +135,7 @@ class Recorder:
 def test_register_sends_the_key_only_to_the_bridge_it_is_for(tmp_path, monkeypatch):
     from ollama_ft.ollama import client
     from ollama_ft.ollama.modelfile import Modelfile
-    from ollama_ft.ollama_base import source
+    from ollama_ft.ollama import daemon as source
 
     other, bridge = Recorder(), Recorder()
     monkeypatch.setattr(client, "_BRIDGE_TOKEN", None, raising=False)

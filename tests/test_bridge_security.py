@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import FACTS, Server, qa_rows, write_jsonl
+from tests.conftest import FACTS, Server, qa_rows
 
 
 def call(url, method="GET", body=None, headers=None, raw: bytes | None = None):

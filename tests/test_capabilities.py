@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from ollama_ft.serve.capabilities import capabilities, prefers_chat_template, uses_go_template
-from ollama_ft.serve.prompt import JinjaPrompt, PromptTemplate
+from ollama_ft.ollamafmt.capabilities import capabilities, prefers_chat_template, uses_go_template
+from ollama_ft.ollamafmt.prompt import JinjaPrompt, PromptTemplate
 
 CUSTOM = "CUSTOM {{ .Prompt }}"
 TOOLS_JINJA = "{% if tools %}{{ tools }}{% endif %}{{ messages[0]['content'] }}"

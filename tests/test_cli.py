@@ -23,6 +23,26 @@ def test_help_and_models():
     assert "deepseek-r1:1.5b" in r.stdout and "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" in r.stdout
 
 
+def test_every_config_key_is_a_train_flag_with_its_help_and_default():
+    """The flags are made from RunConfig's fields (config.py holds help, choices, defaults)."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from ollama_ft.cli import main
+    from ollama_ft.config import RunConfig
+
+    out = CliRunner().invoke(main, ["train", "--help"], terminal_width=400).output
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+        assert f.metadata["help"].split()[0] in out, f.name  # its help text
+    assert "One of linear, cosine" in out and "(default cosine)" in out and "(default 2048)" in out
+    assert "--no-gradient-checkpointing" in out and "(default on)" in out
+
+
 def test_data_check_reports(tiny_base, tmp_path):
     rows = qa_rows(FACTS) + [{"messages": [{"role": "user", "content": "x"},
                                            {"role": "assistant", "content": ""}]}]

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from test_export_support import make_run
 
-from ollama_ft.errors import ExportError, OllamaFtError
+from ollama_ft.errors import ExportError, OllamaFtError, QuantTypeError, RunDirError
 from ollama_ft.export import export_stage, merge_stage
 from ollama_ft.export.errors import (AdapterError, CheckpointError, DiskSpaceError, QuantizeError,
-                                     QuantTypeError, RunDirError, UnsupportedModelError)
+                                     UnsupportedModelError)
 
 
 def quiet(*_):

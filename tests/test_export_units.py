@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from ollama_ft.chat_formats import FORMATS, Message
-from ollama_ft.export.errors import CheckpointError, QuantTypeError, TokenizerError
+from ollama_ft.errors import QuantTypeError
+from ollama_ft.export.errors import CheckpointError, TokenizerError
 
 
 # --- --quant ------------------------------------------------------------------------------
 def test_parse_quants_normalises_and_dedupes():
-    from ollama_ft.export.quantize import parse_quants
+    from ollama_ft.quants import parse_quants
 
     assert [q.name for q in parse_quants("Q4_K_M, q8_0,f16,q4_k_m")] == ["q4_k_m", "q8_0", "f16"]
     assert [q.name for q in parse_quants(None)] == ["q4_k_m"]
@@ -25,7 +26,7 @@ def test_parse_quants_normalises_and_dedupes():
 
 
 def test_unknown_quant_lists_valid_types():
-    from ollama_ft.export.quantize import parse_quants
+    from ollama_ft.quants import parse_quants
 
     with pytest.raises(QuantTypeError) as e:
         parse_quants("q4_k_m,q4_k_xl")
@@ -37,7 +38,7 @@ def test_quant_types_map_to_llama_cpp_file_types():
     import gguf
 
     from ollama_ft.export.gguf import DIRECT_TYPES
-    from ollama_ft.export.quantize import QUANT_TYPES, parse_quants
+    from ollama_ft.quants import QUANT_TYPES, parse_quants
 
     # every type --quant accepts has a llama_ftype, the one gguf.py and llama.cpp both use
     for q in parse_quants(list(QUANT_TYPES)):
@@ -330,7 +331,8 @@ def test_merge_matches_peft_merge_and_unload(tmp_path, kind):
 
 
 def test_estimates_cover_real_sizes():
-    from ollama_ft.export.quantize import QUANT_TYPES, estimate_bytes
+    from ollama_ft.export.quantize import estimate_bytes
+    from ollama_ft.quants import QUANT_TYPES
 
     # a 7B-shaped model: F16 is 2 bytes a weight, Q4_K_M under 5.1 bits
     n = 7_000_000_000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ollama_ft.serve.gotemplate import Template, TemplateError
+from ollama_ft.ollamafmt.gotemplate import Template, TemplateError
 
 HERE = Path(__file__).parent
 MSGS = [{"Role": "system", "Content": "Sys"}, {"Role": "user", "Content": "Hi <b>&"},
@@ -107,7 +107,7 @@ def test_bridge_prompts_equal_ollamas_pipeline(gotmpl):
     what Ollama's own pipeline (tests/gotmpl) gives, for every shipped TEMPLATE."""
     from ollama_ft.chat_formats import FORMATS
     from ollama_ft.ollama.templates import template_for
-    from ollama_ft.serve.prompt import PromptTemplate
+    from ollama_ft.ollamafmt.prompt import PromptTemplate
     from tests.test_templates import SUITE, ollama_messages
 
     legacy = "{{ if .System }}<<{{ .System }}>>{{ end }}[U]{{ .Prompt }}[A]{{ .Response }}"

@@ -6,10 +6,12 @@ import random
 import pytest
 
 from ollama_ft.chat_formats import FORMATS
+from ollama_ft.errors import OllamaFtError
 from ollama_ft.ollama.modelfile import Modelfile, ModelfileError
-from ollama_ft.ollama.templates import (NUM_CTX_CAP, TemplateError, build_modelfile,
-                                        modelfile_for_run, num_ctx_for, parse_overrides,
-                                        resolve_chat_format, template_for, write_modelfile)
+from ollama_ft.ollama.templates import (NUM_CTX_CAP, TemplateError, build_modelfile, num_ctx_for,
+                                        parse_overrides, resolve_chat_format, template_for,
+                                        write_modelfile)
+from ollama_ft.pipeline import modelfile_for_run
 
 FULL = Modelfile(
     from_="./model-q4_k_m.gguf",
@@ -291,7 +293,7 @@ def test_modelfile_for_run_detects_the_format_from_the_base(tmp_path):
         {"chat_template": "{{ '### Instruction:\\n' }}{{ '### Response:\\n' }}"}))
     assert modelfile_for_run(run).template == template_for("deepseek-coder")[0]
     (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>"}))
-    with pytest.raises(TemplateError, match="matches none of the DeepSeek chat formats"):
+    with pytest.raises(OllamaFtError, match="not one of the DeepSeek formats we know"):
         modelfile_for_run(run)
 
 

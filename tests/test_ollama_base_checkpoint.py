@@ -291,7 +291,8 @@ def test_k_quants_equal_transformers_gguf_loader(tiny_base, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ollama_ft.export.quantize import QUANT_TYPES, llama_quantize
+    from ollama_ft.export.quantize import llama_quantize
+    from ollama_ft.quants import QUANT_TYPES
 
     base = tiny_base("r1-llama", hidden=256)
     f16 = write_base_gguf(base, tmp_path / "f16.gguf", "F16", "deepseek-r1")

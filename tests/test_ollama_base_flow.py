@@ -139,7 +139,7 @@ def test_fine_tune_from_the_bridge_learns_the_task(served, task, tmp_path):
     # delta is rounded away), answering the same
     cli("register", str(run), "--merged", "--name", "smol-extract-merged", "--host", server.url)
     merged = run / "model-q4_1.gguf"
-    from ollama_ft.serve.ggufinfo import read_info
+    from ollama_ft.ollamafmt.ggufinfo import read_info
 
     info = read_info(merged)
     assert info.file_type == "Q4_1" and info.metadata["tokenizer.ggml.pre"] == "smollm"

@@ -12,7 +12,7 @@ from test_export_support import gguf_logits, kl_divergence, make_run
 
 from ollama_ft.errors import BaseModelError
 from ollama_ft.ollama_base import modelfile
-from ollama_ft.ollama_base.source import OllamaBase, base_problem, locate_blob, model_name
+from ollama_ft.ollama.daemon import OllamaBase, base_problem, locate_blob, model_name
 
 
 def test_model_names():

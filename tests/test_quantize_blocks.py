@@ -44,7 +44,8 @@ def _digest(path):
 @pytest.mark.parametrize("hidden,quant", [(256, "q4_k_m"), (64, "q4_k_m"), (64, "q4_0")])
 def test_same_bytes_as_llama_cpp_on_the_whole_file(f16_gguf, tmp_path, monkeypatch, hidden, quant):
     from ollama_ft.export import quantize
-    from ollama_ft.export.quantize import QUANT_TYPES, llama_quantize, read_layout
+    from ollama_ft.export.quantize import llama_quantize, read_layout
+    from ollama_ft.quants import QUANT_TYPES
 
     src = f16_gguf(hidden)
     whole, blocks = tmp_path / "whole.gguf", tmp_path / "blocks.gguf"
@@ -70,7 +71,8 @@ def test_same_bytes_as_llama_cpp_on_the_whole_file(f16_gguf, tmp_path, monkeypat
 
 def test_non_finite_merged_weights_are_named(f16_gguf, tmp_path):
     from ollama_ft.export.errors import QuantizeError
-    from ollama_ft.export.quantize import QUANT_TYPES, llama_quantize, read_layout
+    from ollama_ft.export.quantize import llama_quantize, read_layout
+    from ollama_ft.quants import QUANT_TYPES
 
     src = f16_gguf(64)
     bad = tmp_path / "bad.gguf"

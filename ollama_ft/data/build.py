@@ -18,7 +18,12 @@ import numpy as np
 
 from ollama_ft.data.batch import EncodedBatch, backend_of, encode_many
 from ollama_ft.data.examine import FileFormat, dedupe_key, examine
-from ollama_ft.data.readers import iter_records, jsonl_ranges, location, read_jsonl_range
+from ollama_ft.data.readers import (
+    iter_records,
+    jsonl_ranges,
+    location,
+    read_jsonl_range,
+)
 from ollama_ft.errors import DataError
 
 MAX_LISTED = 10

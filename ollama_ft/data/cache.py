@@ -27,7 +27,7 @@ MAX_STORES = 16
 # Ollama TEMPLATE format renders with
 _CODE = ("data/readers.py", "data/formats.py", "data/examine.py", "data/tokenize.py",
          "data/batch.py", "data/store.py", "data/check.py", "data/build.py", "chat_formats.py",
-         "ollama_base/chat.py", "serve/prompt.py", "serve/gotemplate.py")
+         "ollama_base/chat.py", "ollamafmt/prompt.py", "ollamafmt/gotemplate.py")
 
 
 def cache_root() -> Path:

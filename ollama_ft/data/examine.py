@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ollama_ft.chat_formats import Message
-from ollama_ft.data.formats import (EmptyRecord, RecordError, describe_shapes, detect_shape,
-                                    normalize)
+from ollama_ft.data.formats import (
+    EmptyRecord,
+    RecordError,
+    describe_shapes,
+    detect_shape,
+    normalize,
+)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ollama_ft.quants import DEFAULT_QUANT
+from ollama_ft.run import gguf_name
+
 SAMPLE = Path(__file__).with_name("sample.jsonl")
 # The LoRA trains the attention and MLP projections only; the embeddings and lm_head stay the
 # base's. With every norm weight 1, a random N(0, 0.05) head over the 152k vocabulary gives
@@ -140,7 +143,7 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int | None = None, name: 
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cfg = RunConfig(name=name, base=str(base), data=str(SAMPLE), output_dir=str(run_dir),
-                    quant="q4_k_m", register=False,
+                    quant=DEFAULT_QUANT, register=False,
                     **{**DEMO_TRAIN, **({"max_steps": steps} if steps else {})}).validate()
     run_pipeline(cfg, log=log)  # train, export Q4_K_M, Modelfile
 
@@ -167,7 +170,8 @@ def run_demo(workdir: str | Path = "runs/demo", steps: int | None = None, name: 
         log(f"{q[:43]:<44} {_answer_only(b)[:30]!r:<32} {_answer_only(a)!r} {'✓' if ok else '✗'}")
     log(f"\n{right}/{len(qa)} answers through the Ollama API match the training data "
         f"(sampled as registered: {_sampling(run_dir / 'Modelfile')}).")
-    log(f"run directory: {run_dir} (adapter/, model-q4_k_m.gguf, Modelfile, loss.png, report.json)")
+    log(f"run directory: {run_dir} (adapter/, {gguf_name(DEFAULT_QUANT)}, Modelfile, loss.png, "
+        "report.json)")
     log("")
     if bridge is None:
         log(f"chat with it:   ollama run {result.name}")

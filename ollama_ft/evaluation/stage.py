@@ -14,23 +14,17 @@ import time
 from pathlib import Path
 
 from ollama_ft.errors import ConfigError, OllamaFtError
-from ollama_ft.rundir import RUN_FILES, read_json, update_report
+from ollama_ft.run import Run
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-def _run_config(run_dir: Path) -> dict:
-    import yaml
-
-    path = run_dir / RUN_FILES["config"]
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-
-
-def held_out(run_dir: Path, cfg: dict, eval_data, tokenizer, fmt, limit: int | None):
+def held_out(run: Run, eval_data, tokenizer, fmt, limit: int | None):
     """(examples, encoded, where they come from) of the held-out set."""
     from ollama_ft.data.check import check_data
     from ollama_ft.data.split import eval_indices
 
+    cfg = run.settings
     max_len = int(cfg.get("max_len") or 2048)
     shape = cfg.get("format")
     source_file = eval_data or cfg.get("eval_data")
@@ -39,7 +33,7 @@ def held_out(run_dir: Path, cfg: dict, eval_data, tokenizer, fmt, limit: int | N
         source = f"{Path(source_file).name}"
     elif cfg.get("eval_split"):
         if not cfg.get("data"):
-            raise ConfigError(f"{run_dir / RUN_FILES['config']}: no data file to take the "
+            raise ConfigError(f"{run.path('config')}: no data file to take the "
                               "eval split from; pass --eval-data FILE")
         examples, encoded, _ = check_data(cfg["data"], tokenizer, fmt, max_len, shape)
         keep = eval_indices(len(encoded), float(cfg["eval_split"]), int(cfg.get("seed") or 0))
@@ -47,7 +41,7 @@ def held_out(run_dir: Path, cfg: dict, eval_data, tokenizer, fmt, limit: int | N
         encoded = [e for i, e in enumerate(encoded) if i in keep]
         source = f"eval_split {cfg['eval_split']} of {Path(cfg['data']).name}"
     else:
-        raise ConfigError(f"{run_dir}: nothing to evaluate on: the run has no eval split and "
+        raise ConfigError(f"{run.dir}: nothing to evaluate on: the run has no eval split and "
                           "no eval data. Pass --eval-data FILE (held-out examples in the "
                           "training data's format), or train with --eval-split 0.1")
     if limit:
@@ -55,20 +49,18 @@ def held_out(run_dir: Path, cfg: dict, eval_data, tokenizer, fmt, limit: int | N
     return examples, encoded, source
 
 
-def _pick_quant(run_dir: Path, cfg: dict, quant: str | None) -> str:
+def _pick_quant(run: Run, quant: str | None) -> str:
     """--quant, else the quant the run is served as (what register sends to Ollama)."""
-    from ollama_ft.export.quantize import parse_quants
-    from ollama_ft.ollama.templates import quant_file, quant_list, served_quant
+    from ollama_ft.quants import parse_quants, quant_names
 
-    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
-    quant = parse_quants(quant or quant_list(served_quant(run_dir, cfg, report))[0])[0].name
-    if not (run_dir / quant_file(quant)).is_file():
-        raise OllamaFtError(f"{run_dir / quant_file(quant)}: not exported; run `ollama-ft export "
-                            f"{run_dir} --quant {quant}` first (eval measures the GGUF files)")
+    quant = parse_quants(quant or quant_names(run.served_quant())[0])[0].name
+    if not run.gguf(quant).is_file():
+        raise OllamaFtError(f"{run.gguf(quant)}: not exported; run `ollama-ft export "
+                            f"{run.dir} --quant {quant}` first (eval measures the GGUF files)")
     return quant
 
 
-def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
+def eval_stage(run, eval_data: str | None = None, quant: str | None = None,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, limit: int | None = None,
                log=print, progress: bool = True, threads: int | None = None) -> dict:
     from transformers import AutoTokenizer
@@ -76,32 +68,30 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     from ollama_ft.chat_formats import FORMATS
     from ollama_ft.data.tokenize import encode_prompt
     from ollama_ft.evaluation.gguf_model import GGUFModel
-    from ollama_ft.evaluation.metrics import answer_of, bleu_4, exact_match, rouge_l
     from ollama_ft.evaluation.report import plot, write_markdown
     from ollama_ft.export.stage import read_run
 
     t0 = time.perf_counter()
-    info = read_run(Path(run_dir))
-    run_dir = info.run_dir
-    cfg = _run_config(run_dir)
+    info = read_run(run)
+    run = info.run
+    run_dir = run.dir
     from ollama_ft.ollama_base.resolve import of_run
 
-    ollama = of_run(read_json(run_dir / RUN_FILES["report"], {}) or {})
+    ollama = of_run(run.report)
     fmt = ollama[1] if ollama else FORMATS[info.chat_format]
     tokenizer = AutoTokenizer.from_pretrained(info.base_path)
-    examples, encoded, source = held_out(run_dir, cfg, eval_data, tokenizer, fmt, limit)
+    examples, encoded, source = held_out(run, eval_data, tokenizer, fmt, limit)
     lora = None
     if ollama:  # the daemon's blob, and the fine-tune as the daemon runs it: blob + adapter
-        q, base_path, fine_path, lora = _ollama_files(run_dir, ollama[0], log)
+        q, base_path, fine_path, lora = _ollama_files(run, ollama[0], log)
     else:
-        q = _pick_quant(run_dir, cfg, quant)
-        fine_path, base_path = run_dir / f"model-{q}.gguf", run_dir / f"base-{q}.gguf"
+        q = _pick_quant(run, quant)
+        fine_path, base_path = run.gguf(q), run.gguf(q, base=True)
     if not base_path.is_file():
-        from ollama_ft.export import export_stage
+        from ollama_ft.export import export_base_gguf
 
         log(f"writing {base_path.name} (the base, for comparison) ...")
-        export_stage(run_dir, quants=[q], adapter_only=True, log=log, record=False,
-                     with_adapter=False)
+        export_base_gguf(run, q, log=log)
     log(f"eval: {len(examples)} examples ({source}), {q}, through llama.cpp")
 
     prompts, refs = [], []
@@ -115,31 +105,13 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
     results, answers = {}, {}
     for key, path in (("base", base_path), ("fine_tuned", fine_path)):
         model = GGUFModel(path, n_ctx, threads, lora_path=lora if key == "fine_tuned" else None)
-        nll = count = 0.0
-        em = rl = 0.0
-        outs = []
-        bar = _bar(len(examples), f"eval {key.replace('_', '-')}", progress)
-        try:
-            for enc, prompt, (_, expected) in zip(encoded, prompts, refs):
-                s, c = model.token_nll(enc.input_ids, enc.labels)
-                nll, count = nll + s, count + c
-                got = answer_of(model.greedy(prompt, fmt.stops, max_new_tokens), fmt.thinking)
-                outs.append(got)
-                em += exact_match(got, expected)
-                rl += rouge_l(got, expected)
-                bar.update(1)
-        finally:
-            bar.close()
-            model.close()
-        loss = nll / max(count, 1)
-        n = len(examples)
-        results[key] = {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700)), 4),
-                        "exact_match": round(em / n, 4), "rouge_l": round(rl / n, 4),
-                        "bleu_4": round(bleu_4(outs, [r[1] for r in refs]), 4),
-                        "count": n, "tokens": int(count)}
-        answers[key] = outs
-        log(f"  {key.replace('_', '-'):>10}: loss {loss:.4f}  perplexity {results[key]['perplexity']:.2f}"
-            f"  exact match {em / n:.1%}  ROUGE-L {rl / n:.3f}  BLEU-4 {results[key]['bleu_4']:.3f}")
+        results[key], answers[key] = _score(model, encoded, prompts, refs, fmt, max_new_tokens,
+                                            _bar(len(examples), f"eval {key.replace('_', '-')}",
+                                                 progress))
+        r = results[key]
+        log(f"  {key.replace('_', '-'):>10}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}"
+            f"  exact match {r['exact_match']:.1%}  ROUGE-L {r['rouge_l']:.3f}  "
+            f"BLEU-4 {r['bleu_4']:.3f}")
     rows = [{"question": question, "expected": expected, "base": b, "fine_tuned": f}
             for (question, expected), b, f in zip(refs, answers["base"], answers["fine_tuned"])]
     result = {**results, "run": info.name, "quant": q, "source": source, "count": len(examples),
@@ -151,26 +123,49 @@ def eval_stage(run_dir, eval_data: str | None = None, quant: str | None = None,
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     write_markdown(run_dir / "eval.md", result, rows)
     plot(run_dir / "eval.png", result)
-    update_report(run_dir, "eval", result)
+    run.record("eval", result)
     log(f"eval: {run_dir / 'eval.md'}  picture: {run_dir / 'eval.png'}")
     return result
 
 
-def _ollama_files(run_dir: Path, ob, log) -> tuple[str, Path, Path, Path | None]:
+def _score(model, encoded, prompts, refs, fmt, max_new_tokens: int, bar) -> tuple[dict, list]:
+    """One model's held-out loss (teacher-forced, on the trained tokens) and its greedy answers
+    scored against the references; closes the model and the progress bar."""
+    from ollama_ft.evaluation.metrics import answer_of, bleu_4, exact_match, rouge_l
+
+    nll = count = em = rl = 0.0
+    outs = []
+    try:
+        for enc, prompt, (_, expected) in zip(encoded, prompts, refs):
+            s, c = model.token_nll(enc.input_ids, enc.labels)
+            nll, count = nll + s, count + c
+            got = answer_of(model.greedy(prompt, fmt.stops, max_new_tokens), fmt.thinking)
+            outs.append(got)
+            em += exact_match(got, expected)
+            rl += rouge_l(got, expected)
+            bar.update(1)
+    finally:
+        bar.close()
+        model.close()
+    loss, n = nll / max(count, 1), len(encoded)
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 700)), 4),
+            "exact_match": round(em / n, 4), "rouge_l": round(rl / n, 4),
+            "bleu_4": round(bleu_4(outs, [r[1] for r in refs]), 4),
+            "count": n, "tokens": int(count)}, outs
+
+
+def _ollama_files(run: Run, ob, log) -> tuple[str, Path, Path, Path | None]:
     """(quant, base GGUF, fine-tune GGUF, its adapter or None) of a run on an Ollama base:
     the merged model-<quant>.gguf when the run registered one, else the blob + adapter.gguf."""
-    from ollama_ft.ollama_base.export import ADAPTER, merged_name
-
     blob = Path(ob.blob)
     if not blob.is_file():
         raise OllamaFtError(f"{blob}: the base {ob.name}'s GGUF is no longer in the daemon's store")
-    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
-    merged = run_dir / merged_name(ob.quant)
-    if (report.get("register") or {}).get("adapter") is None and merged.is_file():
+    merged = run.gguf(ob.quant)
+    if run.register.get("adapter") is None and merged.is_file():
         return ob.quant.lower(), blob, merged, None
-    adapter = run_dir / ADAPTER
+    adapter = run.adapter_gguf
     if not adapter.is_file():
-        raise OllamaFtError(f"{adapter}: not exported; run `ollama-ft export {run_dir}` first")
+        raise OllamaFtError(f"{adapter}: not exported; run `ollama-ft export {run.dir}` first")
     return ob.quant.lower(), blob, blob, adapter
 
 

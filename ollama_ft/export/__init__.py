@@ -13,12 +13,17 @@ Nothing heavy is imported here: `from ollama_ft.export import export_stage` is c
 from __future__ import annotations
 
 
-def export_stage(run_dir, quants=None, adapter_only=False, log=print, base=None, threads=None,
-                 record=True, with_adapter=True, merged=None):
+def export_stage(run, quants=None, adapter_only=False, log=print, base=None, threads=None):
     from ollama_ft.export.stage import export_stage as _export
 
-    return _export(run_dir, quants=quants, adapter_only=adapter_only, log=log, base=base,
-                   threads=threads, record=record, with_adapter=with_adapter, merged=merged)
+    return _export(run, quants=quants, adapter_only=adapter_only, log=log, base=base,
+                   threads=threads)
+
+
+def export_base_gguf(run, quant, log=print, threads=None):
+    from ollama_ft.export.stage import export_base_gguf as _base
+
+    return _base(run, quant, log=log, threads=threads)
 
 
 def merge_stage(run_dir, out_dir=None, log=print, base=None):
@@ -27,4 +32,4 @@ def merge_stage(run_dir, out_dir=None, log=print, base=None):
     return _merge(run_dir, out_dir=out_dir, log=log, base=base)
 
 
-__all__ = ["export_stage", "merge_stage"]
+__all__ = ["export_base_gguf", "export_stage", "merge_stage"]

@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ollama_ft.export.errors import AdapterError
-from ollama_ft.export.gguf import GeneralMetadata, add_base_model, arch_spec, synced_writer
+from ollama_ft.export.gguf import (
+    GeneralMetadata,
+    add_base_model,
+    arch_spec,
+    synced_writer,
+)
 from ollama_ft.export.merge import Checkpoint, LoraAdapter
 
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 from ollama_ft.errors import ExportError
 
 
-class RunDirError(ExportError):
-    """The run directory lacks what export needs (run.yaml, report.json, adapter/)."""
-
-
 class CheckpointError(ExportError):
     """A base checkpoint file is missing, truncated or not valid safetensors."""
 
@@ -27,10 +23,6 @@ class UnsupportedModelError(ExportError):
 
 class TokenizerError(ExportError):
     """A tokenizer llama.cpp would not reproduce (unknown pre-tokenizer, not BPE, ...)."""
-
-
-class QuantTypeError(ExportError):
-    """An unknown or unsupported --quant type."""
 
 
 class DiskSpaceError(ExportError):

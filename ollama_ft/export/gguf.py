@@ -9,7 +9,7 @@ then streams each tensor block by block: read rows lazily, add the LoRA delta in
 cast, write.
 
 Output types: 1-D tensors (norms, biases, rope factors) stay F32; 2-D tensors take the file's
-type (the direct types of quantize.QUANT_TYPES: F32, F16, BF16 or Q8_0; Q8_0 falls back to F16
+type (the direct types of quants.QUANT_TYPES: F32, F16, BF16 or Q8_0; Q8_0 falls back to F16
 for rows not divisible by 32, as llama.cpp's converter does).
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 from ollama_ft import catalog
 from ollama_ft.export.errors import UnsupportedModelError
 from ollama_ft.export.merge import MergedModel, f32_to_bf16_bits, row_blocks
-from ollama_ft.export.quantize import QUANT_TYPES
+from ollama_ft.quants import QUANT_TYPES
 
 
 # --- hyperparameters ----------------------------------------------------------------------

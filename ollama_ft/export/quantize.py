@@ -22,71 +22,14 @@ import ctypes
 import logging
 import math
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ollama_ft.export.errors import QuantizeError, QuantTypeError
-
-
-@dataclass(frozen=True)
-class QuantType:
-    name: str  # lower case, as in model-<name>.gguf
-    direct: bool  # written by gguf.py (True) or by llama.cpp's quantizer
-    bits: float  # bits per weight of a 2-D tensor, rounded up (disk estimates)
-
-    @property
-    def file_type_name(self) -> str:
-        """llama.cpp's llama_ftype name (gguf.LlamaFileType): ALL_F32, MOSTLY_Q4_K_M, ..."""
-        return "ALL_F32" if self.name == "f32" else f"MOSTLY_{self.name.upper()}"
-
-    @property
-    def file_type(self) -> int:
-        """general.file_type of a GGUF of this type (and llama.cpp's quantizer's ftype)."""
-        import gguf
-
-        return int(gguf.LlamaFileType[self.file_type_name])
-
-    @property
-    def gguf_type(self) -> str:
-        """The tensor type gguf.py writes for a direct type (F32, F16, BF16, Q8_0)."""
-        return self.name.upper()
-
-
-# The one table of GGUF output types: gguf.py writes the direct ones, file types come from here.
-QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
-    QuantType("f32", True, 32), QuantType("f16", True, 16), QuantType("bf16", True, 16),
-    QuantType("q8_0", True, 8.5),
-    QuantType("q6_k", False, 6.6), QuantType("q5_k_m", False, 5.9), QuantType("q5_k_s", False, 5.6),
-    QuantType("q4_k_m", False, 5.1), QuantType("q4_k_s", False, 4.7),
-    QuantType("q3_k_l", False, 4.4), QuantType("q3_k_m", False, 4.1), QuantType("q3_k_s", False, 3.7),
-    QuantType("q2_k", False, 3.4),
-    QuantType("q5_0", False, 5.5), QuantType("q5_1", False, 6.0), QuantType("q4_0", False, 4.5),
-    QuantType("q4_1", False, 5.0), QuantType("iq4_nl", False, 4.5), QuantType("iq4_xs", False, 4.3),
-)}
-DEFAULT_QUANT = "q4_k_m"
-
-
-def parse_quants(spec: str | list[str] | tuple[str, ...] | None) -> list[QuantType]:
-    """'q4_k_m,Q8_0' -> [QuantType, ...] (order kept, duplicates dropped); unknown -> error."""
-    if spec is None or spec == "":
-        spec = DEFAULT_QUANT
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[QuantType] = []
-    for raw in parts:
-        name = str(raw).strip().lower().replace("-", "_")
-        if not name:
-            continue
-        q = QUANT_TYPES.get(name)
-        if q is None:
-            raise QuantTypeError(f"--quant: unknown GGUF type {str(raw).strip()!r}; valid types: "
-                                 f"{', '.join(QUANT_TYPES)}")
-        if q not in out:
-            out.append(q)
-    if not out:
-        raise QuantTypeError(f"--quant: no type given; valid types: {', '.join(QUANT_TYPES)}")
-    return out
+from ollama_ft.export.errors import QuantizeError
+from ollama_ft.quants import QuantType
 
 
 def estimate_bytes(q: QuantType, n_matrix: int, n_vector: int, n_vocab: int = 0) -> int:
@@ -98,34 +41,63 @@ def estimate_bytes(q: QuantType, n_matrix: int, n_vector: int, n_vocab: int = 0)
     return int(n_matrix * bits / 8 + n_vector * 4 + n_vocab * 64 + 16 * 2**20)
 
 
-def _collecting_logger(lines: list[str]):
-    import llama_cpp
+# ggml_log_level as the llama.cpp inside llama-cpp-python numbers it (ggml.h: NONE, DEBUG, INFO,
+# WARN, ERROR, CONT; the comment in llama-cpp-python's _logger.py has an older order). A failed
+# quantization logs the whole metadata dump at INFO and its reason at ERROR, e.g.
+# "llama_model_quantize: failed to quantize: key not found in model:
+# deepseek2.attention.q_lora_rank".
+GGML_LOG_WARN, GGML_LOG_ERROR, GGML_LOG_CONT = 3, 4, 5
+_REASON_WORDS = re.compile(r"error|fail|exception|not found|invalid|unsupported|cannot|unable",
+                           re.IGNORECASE)
+_METADATA_DUMP = re.compile(r"llama_model_loader: - (kv|type) ")
 
-    state = {"keep": False}
+
+def _collecting_logger(records: list[tuple[int, str]]):
+    """A llama.cpp log callback that appends (level, text) to records."""
+    import llama_cpp
 
     @llama_cpp.llama_log_callback
     def callback(level, text, user_data):
-        if level in (2, 3):  # warn, error
-            state["keep"] = True
-        elif level != 5:  # 5 continues the previous line
-            state["keep"] = False
-        if state["keep"]:
-            lines.append(text.decode("utf-8", errors="replace"))
+        records.append((int(level), text.decode("utf-8", errors="replace")))
 
     return callback
 
 
-def _quantize_whole(src: Path, dst: Path, q: QuantType, nthread: int | None = None) -> None:
+def failure_reason(records: list[tuple[int, str]], keep: int = 3) -> list[str]:
+    """What llama.cpp's log says went wrong: its ERROR lines; failing those (a build that numbers
+    levels differently), lines that read like a reason outside the metadata dump; then its
+    warnings; then the log's last lines. At most `keep` lines, the last ones."""
+    joined: list[list] = []  # a CONT record continues the one before it
+    for level, text in records:
+        if level == GGML_LOG_CONT and joined:
+            joined[-1][1] += text
+        else:
+            joined.append([level, text])
+    lines = [(level, line.strip()) for level, text in joined for line in text.splitlines()
+             if line.strip()]
+    for wanted in (lambda level, line: level == GGML_LOG_ERROR,
+                   lambda level, line: (_REASON_WORDS.search(line)
+                                        and not _METADATA_DUMP.match(line)),
+                   lambda level, line: level == GGML_LOG_WARN):
+        found = [line for level, line in lines if wanted(level, line)]
+        if found:
+            return found[-keep:]
+    return [line for _, line in lines[-keep:]]
+
+
+def _quantize_whole(src: Path, dst: Path, q: QuantType, nthread: int | None = None,
+                    shown_as: Path | None = None) -> None:
     """llama.cpp's `llama_model_quantize`: src -> dst as type q (whole tensors in memory: used
-    here on plan GGUFs only). Raises QuantizeError."""
+    here on plan GGUFs only). Raises QuantizeError with llama.cpp's reason, naming `shown_as`
+    (the file the plan stands for) or src."""
     import llama_cpp
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = nthread or os.cpu_count() or 1
     params.ftype = q.file_type
-    lines: list[str] = []
-    callback = _collecting_logger(lines)
+    records: list[tuple[int, str]] = []
+    callback = _collecting_logger(records)
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"),
@@ -135,9 +107,9 @@ def _quantize_whole(src: Path, dst: Path, q: QuantType, nthread: int | None = No
         if restore is not None:
             llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
     if rc != 0 or not Path(dst).is_file():
-        detail = "".join(lines).strip().splitlines()[-3:]
-        raise QuantizeError(f"llama.cpp could not quantize {src} to {q.name} (code {rc})"
-                            + (f": {' '.join(detail)}" if detail else ""))
+        detail = failure_reason(records)
+        raise QuantizeError(f"llama.cpp could not quantize {shown_as or src} to {q.name} "
+                            f"(code {rc})" + (f": {' '.join(detail)}" if detail else ""))
 
 
 # --- GGUF layout: the header, read without loading the metadata ----------------------------
@@ -347,7 +319,7 @@ def type_plan(src: Path, layout: GgufLayout, q: QuantType, ggml=None) -> TypePla
             head = _tensor_infos(infos)
             f.write(head + b"\0" * (-(layout.kv_end + len(head)) % layout.alignment))
             f.truncate(f.tell() + data_bytes)  # the data: zeros
-        _quantize_whole(Path(plan_in), plan_out, q, 1)
+        _quantize_whole(Path(plan_in), plan_out, q, 1, shown_as=src)
         out = read_layout(plan_out)
     except BaseException:
         plan_out.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 `export_stage(run_dir, quants=..., adapter_only=False)` is what `ollama-ft export RUN`, the
 export step of `ollama-ft train` and the bridge service call. It writes, in RUN/:
 
-  model-<type>.gguf   merged model, one per requested type (f16, q8_0, q4_k_m, ...)
+  model-<type>.gguf   merged model, one per requested type (quants.QUANT_TYPES)
   adapter.gguf        with adapter_only: the LoRA as a llama.cpp adapter GGUF, and
   base-<type>.gguf    the base model (unmerged) it applies to, written once per base
   report.json         its `export` section
@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ollama_ft.export.errors import DiskSpaceError, RunDirError
-from ollama_ft.rundir import RUN_FILES, read_json, update_report
+from ollama_ft.errors import RunDirError
+from ollama_ft.export.errors import DiskSpaceError
+from ollama_ft.run import Run
 
 TMP_PATTERN = re.compile(r"^\.(model-.+\.gguf|adapter\.gguf|base-.+\.gguf|merged|export-f16\.gguf)"
                          r"\.tmp-(\d+)$")
@@ -34,7 +35,7 @@ TMP_PATTERN = re.compile(r"^\.(model-.+\.gguf|adapter\.gguf|base-.+\.gguf|merged
 @dataclass
 class ExportResult:
     run_dir: Path
-    files: dict[str, Path]  # "f16"/"q4_k_m"/... -> model-<type>.gguf; "adapter"; "base-<type>"
+    files: dict[str, Path]  # quant name -> model-<type>.gguf; "adapter"; "base-<type>"
     sizes: dict[str, int]
     adapter_only: bool
     runtime_s: float
@@ -53,56 +54,30 @@ class ExportResult:
 
 @dataclass
 class RunInfo:
-    run_dir: Path
-    name: str
+    """What export takes from a run: its name, base checkpoint and chat format."""
+    run: Run
     base_path: Path
-    base_spec: str | None
-    repo_id: str | None
     chat_format: str
-    quant: str | None
-    trained_on: str | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.dir
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def trained_on(self) -> str | None:
+        """The base folder training used (the adapter's record of it), None if unknown."""
+        return self.run.train.get("base_path") or None
 
 
-def _run_yaml(run_dir: Path) -> dict:
-    import yaml
-
-    path = run_dir / RUN_FILES["config"]
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
-
-
-def read_run(run_dir: Path, base: str | Path | None = None) -> RunInfo:
-    import yaml
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory; pass the folder `ollama-ft train` "
-                          "wrote (runs/NAME)")
-    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
-    train = report.get("train") or {}
-    cfg = {}
-    if (run_dir / RUN_FILES["config"]).is_file():
-        cfg = yaml.safe_load((run_dir / RUN_FILES["config"]).read_text(encoding="utf-8")) or {}
-    if not train.get("base_path") and base is None:
-        raise RunDirError(f"{run_dir / RUN_FILES['report']}: no train section with base_path; "
-                          "train this run first (`ollama-ft train`), or pass the base checkpoint "
-                          "folder explicitly")
-    base_path = Path(base) if base is not None else Path(train["base_path"])
-    if not (base_path / "config.json").is_file():
-        raise RunDirError(f"{base_path}: the base checkpoint of {run_dir} is not there (no "
-                          "config.json); restore it or pass its new folder explicitly")
-    chat_format = train.get("chat_format") or cfg.get("chat_format")
-    if chat_format is None:
-        from ollama_ft.hub import inspect_checkpoint
-
-        chat_format = inspect_checkpoint(str(base_path), base_path, "local", None, None).chat_format.name
-    from ollama_ft.chat_formats import FORMATS
-
-    if chat_format not in FORMATS and not chat_format.startswith("ollama:"):
-        raise RunDirError(f"{run_dir / RUN_FILES['report']}: train.chat_format {chat_format!r} "
-                          f"is not one of {', '.join(FORMATS)}")
-    return RunInfo(run_dir, str(cfg.get("name") or run_dir.name), base_path,
-                   train.get("base") or cfg.get("base"), train.get("repo_id"), chat_format,
-                   cfg.get("quant"), str(train.get("base_path")) if train.get("base_path") else None)
+def read_run(run, base: str | Path | None = None) -> RunInfo:
+    """The run (a Run or its folder) and its base checkpoint (`base` overrides train's)."""
+    run = Run.open(run)
+    base_path = run.base_path(base)
+    return RunInfo(run, base_path, run.chat_format_name(base_path))
 
 
 def _general(info: RunInfo, base_config: dict, n_params: int):
@@ -110,10 +85,9 @@ def _general(info: RunInfo, base_config: dict, n_params: int):
 
     from ollama_ft.export.gguf import GeneralMetadata
 
-    repo = info.repo_id
-    if not repo and info.base_spec and re.fullmatch(r"[\w.-]+/[\w.-]+", info.base_spec) \
-            and not Path(info.base_spec).exists():
-        repo = info.base_spec
+    repo, spec = info.run.repo_id, info.run.base_spec
+    if not repo and spec and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists():
+        repo = spec
     base_name = repo.split("/")[-1] if repo else info.base_path.name
     return GeneralMetadata(
         name=info.name, basename=base_name, finetune=info.name,
@@ -190,166 +164,215 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
-def export_stage(run_dir: str | Path, quants=None, adapter_only: bool = False, log=print,
-                 base: str | Path | None = None, threads: int | None = None,
-                 record: bool = True, with_adapter: bool = True,
-                 merged: bool | None = None) -> ExportResult:
-    """Write the run's GGUF files (see the module docstring). Returns an ExportResult.
-    record=False leaves report.json's export section as it was, and adapter_only with
-    with_adapter=False writes only the base GGUF (eval's base, for itself, without changing
-    what the run's export says it made)."""
+def export_stage(run, quants=None, adapter_only: bool = False, log=print,
+                 base: str | Path | None = None, threads: int | None = None) -> ExportResult:
+    """Write the run's GGUF files (see the module docstring) and record them in report.json.
+    `run`: a Run or its folder (of a Hugging Face base: pipeline.export_run sends runs on an
+    Ollama base to ollama_base.export). Returns an ExportResult."""
+    run = Run.open(run)
+    if base is None and run.ollama_base:
+        raise RunDirError(f"{run.dir}: trained on the Ollama model {run.ollama_base.get('name')}; "
+                          "export it with `ollama-ft export` (pipeline.export_run)")
+    job = plan_export(run, quants, adapter_only, base, log, with_adapter=adapter_only)
+    result = job.execute(log, threads)
+    run.record("export", job.record(result))
+    return result
+
+
+def export_base_gguf(run, quant: str, log=print, threads: int | None = None) -> Path:
+    """base-<quant>.gguf alone (eval's base, for comparison): no adapter GGUF, and report.json
+    keeps saying what the run's export made."""
+    job = plan_export(Run.open(run), quant, True, None, log, with_adapter=False)
+    return job.execute(log, threads).files[job.types[0].name]
+
+
+def plan_export(run: Run, quants, adapter_only: bool, base, log, with_adapter: bool) -> "ExportJob":
+    """What an export will write and from what, checked (architecture, disk space) before any
+    file is written. The job holds the base checkpoint and adapter open until it runs."""
     from ollama_ft.chat_formats import FORMATS
-    from ollama_ft.export.gguf import arch_spec, write_gguf
-    from ollama_ft.export.merge import Checkpoint, MergedModel, load_adapter
-    from ollama_ft.export.quantize import estimate_bytes, llama_quantize, parse_quants
+    from ollama_ft.export.gguf import arch_spec
+    from ollama_ft.export.merge import Checkpoint, load_adapter
     from ollama_ft.export.vocab import read_tokenizer
+    from ollama_ft.quants import parse_quants
 
-    t0 = time.perf_counter()
-    report = read_json(Path(run_dir) / RUN_FILES["report"], {}) or {}
-    from ollama_ft.ollama_base.resolve import of_run
-
-    if base is None and of_run(report) is not None:  # an Ollama base: its blob is the base GGUF
-        from ollama_ft.ollama_base.export import export_ollama_run
-
-        if merged is None:
-            merged = bool(_run_yaml(Path(run_dir)).get("merged"))
-        return export_ollama_run(Path(run_dir), report, merged=merged, log=log)
-    info = read_run(Path(run_dir), base)
-    run_dir = info.run_dir
-    types = parse_quants(quants if quants is not None else (info.quant or None))
+    info = read_run(run, base)
+    types = parse_quants(quants if quants is not None else (run.setting("quant") or None))
     base_config = json.loads((info.base_path / "config.json").read_text(encoding="utf-8"))
-    where = str(info.base_path)
-    arch_spec(base_config, where)  # unsupported architectures stop here, before any work
-    clean_stale_temp_files(run_dir)
-
-    created: list[Path] = []  # temp files of this export, removed if it fails
-    ckpt = adapter = None
+    arch_spec(base_config, str(info.base_path))  # unsupported architectures stop here
+    clean_stale_temp_files(run.dir)
+    adapter = load_adapter(run.path("adapter"))
     try:
-        adapter = load_adapter(run_dir / RUN_FILES["adapter"])
         ckpt = Checkpoint(info.base_path)
-        model = MergedModel(ckpt, adapter, trained_on=info.trained_on)
-        fmt = FORMATS[info.chat_format]
-        tok = read_tokenizer(info.base_path, int(base_config["vocab_size"]), fmt)
+    except BaseException:
+        adapter.close()
+        raise
+    job = ExportJob(info, types, adapter_only, with_adapter and adapter_only, base_config, ckpt,
+                    adapter)
+    try:
+        job.tok = read_tokenizer(info.base_path, int(base_config["vocab_size"]),
+                                 FORMATS[info.chat_format])
+        job.prepare(log)
+    except BaseException:
+        job.close()
+        raise
+    return job
+
+
+@dataclass
+class ExportJob:
+    info: RunInfo
+    types: list
+    adapter_only: bool
+    with_adapter: bool  # write adapter.gguf (adapter_only exports)
+    base_config: dict
+    ckpt: object
+    adapter: object
+    tok: object = None
+    general: object = None
+    fingerprint: str = ""
+    outputs: dict = field(default_factory=dict)  # quant name -> final path
+    reused: list = field(default_factory=list)  # outputs kept from an earlier export
+    todo: list = field(default_factory=list)
+    need_f16: bool = False  # llama.cpp quantizes from an F16 intermediate
+    timings: dict = field(default_factory=dict)
+    alpha_written: float | None = None
+
+    def prepare(self, log) -> None:
+        """Which files to write, which to keep, and whether the disk holds them."""
+        from ollama_ft.export.quantize import estimate_bytes
+        from ollama_ft.quants import QUANT_TYPES
+
+        run, ckpt = self.info.run, self.ckpt
         n_params = ckpt.parameter_count()
-        general = _general(info, base_config, n_params)
+        self.general = _general(self.info, self.base_config, n_params)
         n_vector = sum(math_prod(ckpt.info(n).shape) for n in ckpt.names()
                        if len(ckpt.info(n).shape) <= 1)
         n_matrix = n_params - n_vector
-        prefix = "base" if adapter_only else "model"
-        report = read_json(run_dir / RUN_FILES["report"], {}) or {}
-        fingerprint = _fingerprint(info.base_path)
-        previous = (report.get("export") or {}).get("base_fingerprint")
-
-        outputs = {q.name: run_dir / f"{prefix}-{q.name}.gguf" for q in types}
-        reused = []
-        if adapter_only and previous == fingerprint:
-            reused = [q.name for q in types if outputs[q.name].is_file()]
-        todo = [q for q in types if q.name not in reused]
-        needs = {outputs[q.name].name: estimate_bytes(q, n_matrix, n_vector, len(tok.tokens))
-                 for q in todo}
-        # llama.cpp quantizes from F16: the requested (or kept) F16 file, else an intermediate
-        need_f16 = any(not q.direct for q in todo) and "f16" not in [q.name for q in types]
-        if need_f16:
-            from ollama_ft.export.quantize import QUANT_TYPES
-
+        prefix = "base" if self.adapter_only else "model"
+        self.fingerprint = _fingerprint(self.info.base_path)
+        self.outputs = {q.name: run.dir / f"{prefix}-{q.name}.gguf" for q in self.types}
+        if self.adapter_only and run.export.get("base_fingerprint") == self.fingerprint:
+            self.reused = [q.name for q in self.types if self.outputs[q.name].is_file()]
+        self.todo = [q for q in self.types if q.name not in self.reused]
+        n_tokens = len(self.tok.tokens)
+        needs = {self.outputs[q.name].name: estimate_bytes(q, n_matrix, n_vector, n_tokens)
+                 for q in self.todo}
+        self.need_f16 = any(not q.direct for q in self.todo) and "f16" not in self.outputs
+        if self.need_f16:
             needs["F16 intermediate"] = estimate_bytes(QUANT_TYPES["f16"], n_matrix, n_vector,
-                                                       len(tok.tokens))
-        if adapter_only and with_adapter:
-            needs["adapter.gguf"] = adapter.file.path.stat().st_size * 2 + 2**20
-        check_disk(run_dir, needs, log)
+                                                       n_tokens)
+        if self.with_adapter:
+            needs["adapter.gguf"] = self.adapter.file.path.stat().st_size * 2 + 2**20
+        check_disk(run.dir, needs, log)
 
-        files: dict[str, Path] = {}
-        sizes: dict[str, int] = {}
-        timings: dict[str, float] = {}
-        alpha_written = None
-        if adapter_only and with_adapter:
-            from ollama_ft.export.adapter import adapter_alpha, write_adapter_gguf
+    def close(self) -> None:
+        self.adapter.close()
+        self.ckpt.close()
 
-            alpha_written = adapter_alpha(adapter)[0]
-            final = run_dir / "adapter.gguf"
-            tmp = _tmp(final)
-            created.append(tmp)
-            t = time.perf_counter()
-            sizes["adapter"] = write_adapter_gguf(tmp, adapter, ckpt, base_config, general, where)
-            os.replace(tmp, final)
-            files["adapter"] = final
-            timings["adapter"] = round(time.perf_counter() - t, 2)
-            log(f"  wrote {final.name} (LoRA adapter, {len(adapter.modules)} weights)")
-        if adapter_only:
-            model = MergedModel(ckpt, None)  # the base GGUFs carry no adapter
-            general.finetune = None
-            general.name = general.basename or info.name
+    def execute(self, log, threads: int | None) -> ExportResult:
+        """Write the files (each under a temporary name, then renamed); on failure remove this
+        export's temporary files. Closes the job."""
+        t0 = time.perf_counter()
+        created: list[Path] = []
+        try:
+            files, sizes = self._write(created, log, threads)
+        except BaseException:
+            for p in created:
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            raise
+        finally:
+            self.close()
+        ordered = {k: files[k] for k in ([q.name for q in self.types] + ["adapter"]) if k in files}
+        return ExportResult(self.info.run_dir, ordered, {k: sizes[k] for k in ordered},
+                            self.adapter_only, round(time.perf_counter() - t0, 2),
+                            self.tok.pre.name, self.tok.add_bos, self.tok.chat_template_source,
+                            self.reused)
 
-        src = "base" if adapter_only else f"base + {run_dir / RUN_FILES['adapter']}"
-        f16_source: Path | None = outputs["f16"] if "f16" in reused else None
-        direct = sorted([q for q in todo if q.direct], key=lambda q: q.name != "f16")
-        if need_f16:
+    def _write(self, created: list[Path], log, threads):
+        from ollama_ft.export.merge import MergedModel
+
+        run_dir, files, sizes = self.info.run_dir, {}, {}
+        model = MergedModel(self.ckpt, self.adapter, trained_on=self.info.trained_on)
+        if self.with_adapter:
+            files["adapter"], sizes["adapter"] = self._write_adapter(created, log)
+        if self.adapter_only:
+            model = MergedModel(self.ckpt, None)  # the base GGUFs carry no adapter
+            self.general.finetune = None
+            self.general.name = self.general.basename or self.info.name
+        src = "base" if self.adapter_only else f"base + {self.info.run.path('adapter')}"
+        f16_source: Path | None = self.outputs["f16"] if "f16" in self.reused else None
+        if self.need_f16:
             f16_source = run_dir / f".export-f16.gguf.tmp-{os.getpid()}"
             created.append(f16_source)
-            t = time.perf_counter()
-            write_gguf(f16_source, model, base_config, "F16", tok, general, where, log,
-                       threads)
-            timings["f16 intermediate"] = round(time.perf_counter() - t, 2)
-        for q in direct:
-            final = outputs[q.name]
-            tmp = _tmp(final)
-            created.append(tmp)
-            t = time.perf_counter()
-            log(f"  writing {final.name} ({src})")
-            sizes[q.name] = write_gguf(tmp, model, base_config, q.gguf_type, tok, general,
-                                       where, log, threads)
-            os.replace(tmp, final)
-            files[q.name] = final
-            timings[q.name] = round(time.perf_counter() - t, 2)
+            self._timed("f16 intermediate", lambda: self._gguf(f16_source, model, "F16", log, threads))
+        for q in sorted([q for q in self.todo if q.direct], key=lambda q: q.name != "f16"):
+            log(f"  writing {self.outputs[q.name].name} ({src})")
+            files[q.name], sizes[q.name] = self._finish(q.name, created, lambda tmp, q=q: self._gguf(
+                tmp, model, q.gguf_type, log, threads))
             if q.name == "f16":
-                f16_source = final
-        for q in [q for q in todo if not q.direct]:
-            final = outputs[q.name]
-            tmp = _tmp(final)
-            created.append(tmp)
-            t = time.perf_counter()
-            log(f"  quantizing {final.name} with llama.cpp")
-            llama_quantize(f16_source, tmp, q, threads)
-            os.replace(tmp, final)
-            files[q.name] = final
-            sizes[q.name] = final.stat().st_size
-            timings[q.name] = round(time.perf_counter() - t, 2)
-        for name in reused:
-            files[name] = outputs[name]
-            sizes[name] = outputs[name].stat().st_size
-            log(f"  kept {outputs[name].name} (same base as before)")
-        if need_f16 and f16_source is not None:
-            f16_source.unlink(missing_ok=True)
-    except BaseException:
-        for p in created:
-            try:
-                p.unlink(missing_ok=True)
-            except OSError:
-                pass
-        raise
-    finally:
-        if adapter is not None:
-            adapter.close()
-        if ckpt is not None:
-            ckpt.close()
+                f16_source = files[q.name]
+        for q in [q for q in self.todo if not q.direct]:
+            from ollama_ft.export.quantize import llama_quantize
 
-    ordered = {k: files[k] for k in ([q.name for q in types] + ["adapter"]) if k in files}
-    result = ExportResult(run_dir, ordered, {k: sizes[k] for k in ordered}, adapter_only,
-                          round(time.perf_counter() - t0, 2), tok.pre.name, tok.add_bos,
-                          tok.chat_template_source, reused)
-    if not record:
-        return result
-    update_report(run_dir, "export", {
-        "base_path": str(info.base_path), "base_fingerprint": fingerprint,
-        "adapter": str(run_dir / RUN_FILES["adapter"]), "adapter_only": adapter_only,
-        "files": {k: p.name for k, p in ordered.items()}, "sizes": result.sizes,
-        "timings_s": timings, "runtime_s": result.runtime_s, "peak_rss_mb": _peak_rss_mb(),
-        "tokenizer_pre": tok.pre.name, "add_bos_token": tok.add_bos,
-        "eot_token_id": tok.eot_id, "chat_template": tok.chat_template_source,
-        "vocab_padding": tok.n_padding, "chat_format": info.chat_format,
-        "adapter_lora_alpha": alpha_written,
-    })
-    return result
+            log(f"  quantizing {self.outputs[q.name].name} with llama.cpp")
+            files[q.name], sizes[q.name] = self._finish(
+                q.name, created, lambda tmp, q=q: llama_quantize(f16_source, tmp, q, threads))
+        for name in self.reused:
+            files[name], sizes[name] = self.outputs[name], self.outputs[name].stat().st_size
+            log(f"  kept {self.outputs[name].name} (same base as before)")
+        if self.need_f16 and f16_source is not None:
+            f16_source.unlink(missing_ok=True)
+        return files, sizes
+
+    def _gguf(self, path: Path, model, gguf_type: str, log, threads) -> int:
+        from ollama_ft.export.gguf import write_gguf
+
+        return write_gguf(path, model, self.base_config, gguf_type, self.tok, self.general,
+                          str(self.info.base_path), log, threads)
+
+    def _timed(self, key: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        self.timings[key] = round(time.perf_counter() - t, 2)
+        return out
+
+    def _finish(self, key: str, created: list[Path], write) -> tuple[Path, int]:
+        """write(tmp) under a temporary name, then rename it to the final one."""
+        final = self.outputs[key]
+        tmp = _tmp(final)
+        created.append(tmp)
+        self._timed(key, lambda: write(tmp))
+        os.replace(tmp, final)
+        return final, final.stat().st_size
+
+    def _write_adapter(self, created: list[Path], log) -> tuple[Path, int]:
+        from ollama_ft.export.adapter import adapter_alpha, write_adapter_gguf
+
+        self.alpha_written = adapter_alpha(self.adapter)[0]
+        final = self.info.run.adapter_gguf
+        tmp = _tmp(final)
+        created.append(tmp)
+        size = self._timed("adapter", lambda: write_adapter_gguf(
+            tmp, self.adapter, self.ckpt, self.base_config, self.general, str(self.info.base_path)))
+        os.replace(tmp, final)
+        log(f"  wrote {final.name} (LoRA adapter, {len(self.adapter.modules)} weights)")
+        return final, size
+
+    def record(self, result: ExportResult) -> dict:
+        """report.json's export section."""
+        tok = self.tok
+        return {
+            "base_path": str(self.info.base_path), "base_fingerprint": self.fingerprint,
+            "adapter": str(self.info.run.path("adapter")), "adapter_only": self.adapter_only,
+            "files": {k: p.name for k, p in result.files.items()}, "sizes": result.sizes,
+            "timings_s": self.timings, "runtime_s": result.runtime_s,
+            "peak_rss_mb": _peak_rss_mb(), "tokenizer_pre": tok.pre.name,
+            "add_bos_token": tok.add_bos, "eot_token_id": tok.eot_id,
+            "chat_template": tok.chat_template_source, "vocab_padding": tok.n_padding,
+            "chat_format": self.info.chat_format, "adapter_lora_alpha": self.alpha_written}
 
 
 def math_prod(shape) -> int:
@@ -370,12 +393,17 @@ class MergeResult:
 def merge_stage(run_dir: str | Path, out_dir: str | Path | None = None, log=print,
                 base: str | Path | None = None) -> MergeResult:
     """Write base + adapter as merged safetensors to RUN/merged (or out_dir)."""
-    from ollama_ft.export.merge import Checkpoint, MergedModel, load_adapter, write_merged_safetensors
+    from ollama_ft.export.merge import (
+        Checkpoint,
+        MergedModel,
+        load_adapter,
+        write_merged_safetensors,
+    )
 
     t0 = time.perf_counter()
-    info = read_run(Path(run_dir), base)
+    info = read_run(run_dir, base)
     out = Path(out_dir) if out_dir else info.run_dir / "merged"
-    adapter = load_adapter(info.run_dir / RUN_FILES["adapter"])
+    adapter = load_adapter(info.run.path("adapter"))
     ckpt = Checkpoint(info.base_path)
     try:
         model = MergedModel(ckpt, adapter, trained_on=info.trained_on)
@@ -387,6 +415,6 @@ def merge_stage(run_dir: str | Path, out_dir: str | Path | None = None, log=prin
         adapter.close()
         ckpt.close()
     result = MergeResult(info.run_dir, out, files, round(time.perf_counter() - t0, 2))
-    update_report(info.run_dir, "merge", {"out_dir": str(out), "files": [f.name for f in files],
-                                          "runtime_s": result.runtime_s})
+    info.run.record("merge", {"out_dir": str(out), "files": [f.name for f in files],
+                              "runtime_s": result.runtime_s})
     return result

@@ -189,7 +189,7 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     reply, verification = "", None
     if verify:
         from ollama_ft.ollama.verify import Expected
-        from ollama_ft.serve.ggufinfo import chat_template
+        from ollama_ft.ollamafmt.ggufinfo import chat_template
 
         gguf_template = chat_template(files.get("files") or _shown_blob(url, headers, from_model))
         reply, verification = _verify(client, url, headers, target.short, request,
@@ -206,7 +206,7 @@ def _shown_blob(url: str, headers: dict, name: str | None) -> Path | None:
     if not name:
         return None
     try:
-        from ollama_ft.ollama_base.source import _modelfile, locate_blob, show
+        from ollama_ft.ollama.daemon import _modelfile, locate_blob, show
 
         reply = show(name, url)[2]
         return locate_blob(_modelfile(reply.get("modelfile") or "", name).from_ or "", name, url)

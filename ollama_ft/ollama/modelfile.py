@@ -258,6 +258,45 @@ def _check_parameter(name: str, value: str, where: str):
         raise ModelfileError(f"{where}: {e}") from None
 
 
+def _scan_name(text: str, i: int, keyword: str, word: str, fail) -> tuple[str, int]:
+    """The parameter name or MESSAGE role at text[i:], and the index after its space."""
+    n, start = len(text), i
+    allowed = (lambda ch: ch.isascii() and (ch.isalnum() or ch == "_")) \
+        if keyword == "parameter" else (lambda ch: ch.isascii() and ch.isalpha())
+    while i < n and allowed(text[i]):
+        i += 1
+    name = text[start:i]
+    if i >= n or text[i] not in _SPACE or not name:
+        what = "a parameter name" if keyword == "parameter" else "a role"
+        raise fail(f"{word} needs {what} and a value, separated by a space "
+                   f"(got {text[start:i + 1].strip()!r})")
+    if keyword == "message" and name not in ROLES:
+        raise fail(f"MESSAGE role {name!r} must be one of {', '.join(ROLES)} (lower case)")
+    return name, i + 1
+
+
+def _store(mf: Modelfile, keyword: str, name: str | None, value: str, fail) -> None:
+    """Keep one instruction's value (FROM aside) in the Modelfile."""
+    if keyword == "adapter":
+        mf.adapter = value
+    elif keyword == "template":
+        mf.template = value
+    elif keyword == "system":
+        mf.system = value
+    elif keyword == "license":
+        mf.license.append(value)
+    elif keyword == "message":
+        mf.messages.append((name, value))
+    elif keyword == "parameter":
+        try:
+            parameter_value(name, value)
+        except ValueError as e:
+            raise fail(f"PARAMETER {e}") from None
+        mf.parameters.append((name, value))
+    else:
+        mf.other.append((keyword, value))
+
+
 def _parse(text: str, where: str) -> Modelfile:
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -301,20 +340,7 @@ def _parse(text: str, where: str) -> Modelfile:
         i += 1
         name = None
         if keyword in ("parameter", "message"):
-            start = i
-            allowed = (lambda ch: ch.isascii() and (ch.isalnum() or ch == "_")) \
-                if keyword == "parameter" else (lambda ch: ch.isascii() and ch.isalpha())
-            while i < n and allowed(text[i]):
-                i += 1
-            name = text[start:i]
-            if i >= n or text[i] not in _SPACE or not name:
-                what = "a parameter name" if keyword == "parameter" else "a role"
-                raise fail(line, f"{word} needs {what} and a value, separated by a space "
-                                 f"(got {text[start:i + 1].strip()!r})")
-            i += 1
-            if keyword == "message" and name not in ROLES:
-                raise fail(line, f"MESSAGE role {name!r} must be one of {', '.join(ROLES)} "
-                                 "(lower case)")
+            name, i = _scan_name(text, i, keyword, word, lambda msg: fail(line, msg))
         value_line = line
         value, i, breaks = _scan_value(text, i)
         line += breaks
@@ -328,24 +354,8 @@ def _parse(text: str, where: str) -> Modelfile:
             if not value:
                 raise fail(value_line, "FROM needs a model name or a path")
             mf.from_, from_line = value, value_line
-        elif keyword == "adapter":
-            mf.adapter = value
-        elif keyword == "template":
-            mf.template = value
-        elif keyword == "system":
-            mf.system = value
-        elif keyword == "license":
-            mf.license.append(value)
-        elif keyword == "message":
-            mf.messages.append((name, value))
-        elif keyword == "parameter":
-            try:
-                parameter_value(name, value)
-            except ValueError as e:
-                raise fail(value_line, f"PARAMETER {e}") from None
-            mf.parameters.append((name, value))
         else:
-            mf.other.append((keyword, value))
+            _store(mf, keyword, name, value, lambda msg, ln=value_line: fail(ln, msg))
     if not from_line:
         raise ModelfileError(f"{where}: no FROM line; a Modelfile starts from a GGUF file "
                              "(FROM ./model.gguf) or a model (FROM deepseek-r1:7b)")

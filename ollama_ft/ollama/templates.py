@@ -29,8 +29,15 @@ from pathlib import Path
 
 from ollama_ft.chat_formats import FORMATS, detect_format
 from ollama_ft.errors import OllamaError
-from ollama_ft.ollama.modelfile import (LIST_PARAMETERS, Modelfile, ModelfileError,
-                                        parameter_value, read_text_file)
+from ollama_ft.ollama.modelfile import (
+    LIST_PARAMETERS,
+    Modelfile,
+    ModelfileError,
+    parameter_value,
+    read_text_file,
+)
+from ollama_ft.quants import DEFAULT_QUANT, quant_names
+from ollama_ft.run import Run, gguf_name
 
 # ollama_ft/modelfiles/ (package data, so wheels carry it too).
 MODELFILES_DIR = Path(__file__).resolve().parents[1] / "modelfiles"
@@ -38,7 +45,6 @@ MODELFILES_DIR = Path(__file__).resolve().parents[1] / "modelfiles"
 # context costs KV-cache memory on every load, and 8192 leaves an R1 model room for a few
 # thousand tokens of reasoning. `--param num_ctx=N` (an override) wins.
 NUM_CTX_CAP = 8192
-DEFAULT_QUANT = "q4_k_m"
 
 
 class TemplateError(OllamaError):
@@ -103,7 +109,7 @@ def _check_bos(template: str, path) -> None:
     """Our GGUFs do not add BOS (every DeepSeek format writes it; training saw exactly one
     first), so a TEMPLATE must render it. Templates copied from elsewhere often do not."""
     from ollama_ft.chat_formats import BOS
-    from ollama_ft.serve.prompt import PromptTemplate
+    from ollama_ft.ollamafmt.prompt import PromptTemplate
 
     try:
         rendered = PromptTemplate(template).render([{"role": "user", "content": "hi"}])
@@ -161,19 +167,6 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, str]]:
     return _override_pairs(pairs)
 
 
-ADAPTER_FILE = "./adapter.gguf"  # what `export --adapter-only` writes beside base-<quant>.gguf
-
-
-def quant_file(quant: str, adapter: bool = False) -> str:
-    """model-<quant>.gguf, or base-<quant>.gguf (the base beside adapter.gguf)."""
-    return f"{'base' if adapter else 'model'}-{quant.strip().lower()}.gguf"
-
-
-def quant_list(quant: str | Iterable[str]) -> list[str]:
-    """"q4_k_m,q8_0" or a list -> the quant names, empty ones dropped."""
-    return [q for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()]
-
-
 def build_modelfile(chat_format: str | None, *, quant: str | Iterable[str] = DEFAULT_QUANT,
                     max_len: int | None = None, base_context: int | None = None,
                     system: str | None = None, overrides=None,
@@ -205,11 +198,11 @@ def build_modelfile(chat_format: str | None, *, quant: str | Iterable[str] = DEF
                                 "a Go template with --template FILE")
         template, params = template_for(resolve_chat_format(chat_format))
 
-    quants = quant_list(quant)
+    quants = quant_names(quant)
     if from_ is None:
         if not quants:
             raise TemplateError("no quant type for the run's GGUF (e.g. --quant q4_k_m)")
-        from_ = "./" + quant_file(quants[0])
+        from_ = "./" + gguf_name(quants[0])
 
     defaults: list[tuple[str, str]] = []
     for name, value in params.items():
@@ -235,106 +228,10 @@ def build_modelfile(chat_format: str | None, *, quant: str | Iterable[str] = DEF
 
 # --- a run directory ----------------------------------------------------------------------
 
-def _base_context(base_path: str | None, repo_id: str | None, base: str | None) -> int | None:
-    if base_path:
-        cfg = Path(base_path) / "config.json"
-        try:
-            value = json.loads(cfg.read_text(encoding="utf-8")).get("max_position_embeddings")
-            if isinstance(value, int) and value > 0:
-                return value
-        except (OSError, ValueError):
-            pass
-    from ollama_ft import catalog
-
-    entry = (catalog.lookup_repo(repo_id) if repo_id else None) or \
-        (catalog.lookup_alias(base) if base else None)
-    return entry.context_length if entry else None
-
-
-def _chat_template(base_path: str | None) -> str | None:
-    if not base_path:
-        return None
-    try:
-        value = json.loads((Path(base_path) / "tokenizer_config.json").read_text(encoding="utf-8"))
-        if isinstance(value.get("chat_template"), str):
-            return value["chat_template"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        return (Path(base_path) / "chat_template.jinja").read_text(encoding="utf-8")
-    except OSError:
-        return None
-
-
-def modelfile_for_run(run_dir: str | Path, *, system: str | None = None, overrides=None,
-                      template_file: str | Path | None = None, quant=None,
-                      adapter: bool = False, merged: bool | None = None) -> Modelfile:
-    """build_modelfile with what RUN/run.yaml and RUN/report.json say: the chat format
-    (train report, then run.yaml's chat_format, then the catalogue, then the base's chat
-    template), max_len, quant, and the base's context length. `adapter`: FROM the base
-    GGUF and ADAPTER the LoRA GGUF (`export --adapter-only`) instead of the merged GGUF."""
-    from ollama_ft.rundir import RUN_FILES, read_json
-
-    run_dir = Path(run_dir)
-    cfg: dict = {}
-    cfg_path = run_dir / RUN_FILES["config"]
-    if cfg_path.is_file():
-        import yaml
-
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-    report = read_json(run_dir / RUN_FILES["report"], {}) or {}
-    train = report.get("train") or {}
-    from ollama_ft.ollama_base.resolve import of_run
-
-    ollama = of_run(report)
-    if ollama is not None:  # a base from Ollama: its own TEMPLATE, FROM it + ADAPTER
-        if template_file is not None:
-            raise TemplateError(f"{run_dir}: trained on the TEMPLATE of {ollama[0].name}; a "
-                                "--template of your own would not be what training saw")
-        from ollama_ft.ollama_base import modelfile
-
-        if merged is None:
-            merged = bool(cfg.get("merged"))
-        return modelfile.build(ollama[0], max_len=cfg.get("max_len"), merged=merged,
-                               system=system, overrides=overrides)
-    base = cfg.get("base") or train.get("base")
-    base_path = train.get("base_path")
-    repo_id = train.get("repo_id")
-
-    chat_format = train.get("chat_format") or cfg.get("chat_format")
-    if not chat_format:
-        from ollama_ft import catalog
-
-        entry = (catalog.lookup_repo(repo_id) if repo_id else None) or \
-            (catalog.lookup_alias(base) if base else None)
-        chat_format = entry.chat_format if entry else None
-    if not chat_format and template_file is None:
-        chat_format = resolve_chat_format(None, _chat_template(base_path),
-                                          where=f"{run_dir}: the base {base or base_path or '?'}")
-    quant = quant or served_quant(run_dir, cfg, report, adapter)
-    from_ = "./" + quant_file(quant_list(quant)[0], adapter=True) if adapter else None
-    return build_modelfile(chat_format, quant=quant, max_len=cfg.get("max_len"),
-                           base_context=_base_context(base_path, repo_id, base),
-                           system=system, overrides=overrides, template_file=template_file,
-                           from_=from_, adapter=ADAPTER_FILE if adapter else None)
-
-
-def served_quant(run_dir: Path, cfg: dict, report: dict, adapter: bool = False) -> str:
-    """The quant a run is served as: run.yaml's; if its GGUF is not there, the first
-    exported one that is (register, modelfile and eval all take this one)."""
-    quant = cfg.get("quant") or DEFAULT_QUANT
-    first = quant_list(quant)
-    exported = [k for k in ((report.get("export") or {}).get("files") or {}) if k != "adapter"]
-    if first and not (Path(run_dir) / quant_file(first[0], adapter)).is_file():
-        quant = next((k for k in exported if (Path(run_dir) / quant_file(k, adapter)).is_file()),
-                     quant)
-    return quant
-
-
 def write_modelfile(run_dir: str | Path, modelfile: Modelfile, header: str | None = None) -> Path:
     """Write RUN/Modelfile whole (temporary name, then rename); return its path."""
-    from ollama_ft.rundir import RUN_FILES, atomic_write_text
+    from ollama_ft.rundir import atomic_write_text
 
-    path = Path(run_dir) / RUN_FILES["modelfile"]
+    path = Run(run_dir).path("modelfile")
     atomic_write_text(path, modelfile.render(header=header))
     return path

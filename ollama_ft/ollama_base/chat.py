@@ -118,7 +118,7 @@ def is_jinja(template: str) -> bool:
 
 def prompt_template(template: str, bos_token: str = "", eos_token: str = ""):
     """The renderer the daemon uses for this template: Go TEMPLATE or the GGUF's Jinja."""
-    from ollama_ft.serve.prompt import JinjaPrompt, PromptTemplate
+    from ollama_ft.ollamafmt.prompt import JinjaPrompt, PromptTemplate
 
     if is_jinja(template):
         return JinjaPrompt(template, bos_token, eos_token)

@@ -18,22 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from ollama_ft.errors import ExportError
-from ollama_ft.rundir import RUN_FILES, update_report
-
-ADAPTER = "adapter.gguf"
-
-
-def merged_name(quant: str) -> str:
-    return f"model-{quant.strip().lower()}.gguf"
+from ollama_ft.run import Run
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def export_ollama_run(run_dir: Path, report: dict, merged: bool = False, log=print):
-    """adapter.gguf (and with `merged`, model-<base quant>.gguf) in run_dir; returns the
-    export stage's ExportResult."""
+def export_ollama_run(run, merged: bool = False, log=print):
+    """adapter.gguf (and with `merged`, model-<base quant>.gguf) in the run (a Run or its
+    folder); returns the export stage's ExportResult."""
     from ollama_ft.export.adapter import write_adapter_gguf
     from ollama_ft.export.gguf import GeneralMetadata
     from ollama_ft.export.merge import Checkpoint, load_adapter
@@ -41,16 +35,17 @@ def export_ollama_run(run_dir: Path, report: dict, merged: bool = False, log=pri
     from ollama_ft.ollama_base.resolve import of_run
 
     t0 = time.perf_counter()
-    ob, fmt = of_run(report)
-    train = report.get("train") or {}
-    base_path = Path(train["base_path"])
+    run = Run.open(run)
+    run_dir = run.dir
+    ob, fmt = of_run(run.report)
+    base_path = Path(run.train["base_path"])
     if not (base_path / "config.json").is_file():
         raise ExportError(f"{base_path}: the checkpoint {ob.name} was converted to is gone; "
                           f"train again with --base ollama:{ob.name} (it is rebuilt from the blob)")
     import json
 
     config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-    adapter = load_adapter(run_dir / RUN_FILES["adapter"])
+    adapter = load_adapter(run.path("adapter"))
     ckpt = Checkpoint(base_path)
     files, sizes = {}, {}
     try:
@@ -58,7 +53,7 @@ def export_ollama_run(run_dir: Path, report: dict, merged: bool = False, log=pri
         general = GeneralMetadata(name=name, basename=ob.name, finetune=name,
                                   size_label=None, license=None, base_model_name=ob.name,
                                   base_model_org=None, base_model_repo_url=None)
-        out = run_dir / ADAPTER
+        out = run.adapter_gguf
         tmp = _tmp(out)
         try:
             sizes["adapter"] = write_adapter_gguf(tmp, adapter, ckpt, config, general, str(base_path))
@@ -69,7 +64,7 @@ def export_ollama_run(run_dir: Path, report: dict, merged: bool = False, log=pri
         log(f"  wrote {out.name} (LoRA adapter for {ob.name}, {len(adapter.modules)} weights)")
         if merged:
             quant = ob.quant.lower()
-            out = run_dir / merged_name(quant)
+            out = run.gguf(quant)
             tmp = _tmp(out)
             try:
                 log(f"  writing {out.name} ({ob.name}'s GGUF with the LoRA merged in)")
@@ -86,9 +81,9 @@ def export_ollama_run(run_dir: Path, report: dict, merged: bool = False, log=pri
         ckpt.close()
     result = ExportResult(run_dir, files, sizes, not merged, round(time.perf_counter() - t0, 2),
                           "(the base's own)", False, f"the Ollama model {ob.name}")
-    update_report(run_dir, "export", {
+    run.record("export", {
         "base_path": str(base_path), "ollama_base": ob.name, "base_blob": ob.blob,
-        "base_digest": ob.digest, "adapter": str(run_dir / RUN_FILES["adapter"]),
+        "base_digest": ob.digest, "adapter": str(run.path("adapter")),
         "adapter_only": not merged, "files": {k: p.name for k, p in files.items()},
         "sizes": sizes, "runtime_s": result.runtime_s, "chat_format": fmt.name})
     return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ollama_ft.ollama.modelfile import LIST_PARAMETERS, Modelfile
 from ollama_ft.ollama_base.chat import is_jinja
-from ollama_ft.ollama_base.export import ADAPTER, merged_name
+from ollama_ft.run import ADAPTER_GGUF, gguf_name
 
 
 def build(ob, *, max_len: int | None, merged: bool, system: str | None = None,
@@ -33,7 +33,7 @@ def build(ob, *, max_len: int | None, merged: bool, system: str | None = None,
     # the merged GGUF carries the same chat template)
     template = None if is_jinja(ob.template) else ob.template
     if merged:
-        return Modelfile(from_="./" + merged_name(ob.quant), template=template, system=system,
+        return Modelfile(from_="./" + gguf_name(ob.quant), template=template, system=system,
                          parameters=params)
-    return Modelfile(from_=ob.name, adapter="./" + ADAPTER, template=template, system=system,
+    return Modelfile(from_=ob.name, adapter="./" + ADAPTER_GGUF, template=template, system=system,
                      parameters=params)

@@ -1,5 +1,5 @@
-"""`--base ollama:NAME` as a ResolvedBase: the daemon's model, its GGUF dequantized into a
-cached checkpoint (by blob digest), and its own TEMPLATE as the chat format.
+"""The chat format of a base taken from an Ollama daemon (its TEMPLATE, with the BOS/EOS the
+daemon's llama.cpp uses); hub.resolve_base makes the ResolvedBase of `--base ollama:NAME`.
 
 A run trained on such a base records the base (`report.json` train.ollama_base); `of_run`
 gives it back, with the chat format, to the stages that follow (export, Modelfile, register,
@@ -7,12 +7,10 @@ eval)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ollama_ft.errors import BaseModelError
+from ollama_ft.ollama.daemon import OllamaBase
 from ollama_ft.ollama_base.chat import TemplateFormat, template_format
-from ollama_ft.ollama_base.source import OllamaBase, read_base
 
 REPORT_KEY = "ollama_base"  # in report.json's train section
 
@@ -41,25 +39,6 @@ def special_texts(gguf_path: str | Path) -> tuple[str, str, str]:
 def chat_format_of(ob: OllamaBase) -> TemplateFormat:
     bos, eos, bos_token = special_texts(ob.blob)
     return template_format(ob.name, ob.template, ob.stops(), ob.system, bos, eos, bos_token)
-
-
-def resolve_ollama_base(spec: str, host: str | None = None, log=print):
-    from ollama_ft import catalog
-    from ollama_ft.hub import ResolvedBase
-    from ollama_ft.ollama_base.checkpoint import cached_checkpoint
-
-    ob = read_base(spec, host)
-    log(f"base: {ob.name} from Ollama {ob.version} at {ob.host} ({ob.architecture}, {ob.quant}, "
-        f"{ob.digest[:19]})")
-    path = Path(cached_checkpoint(ob.blob, ob.digest, log=log))
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    hf_arch = (config.get("architectures") or ["?"])[0]
-    if hf_arch not in catalog.ARCHITECTURES:
-        raise BaseModelError(f"--base {spec}: architecture {hf_arch} is not supported")
-    short, gguf_arch = catalog.ARCHITECTURES[hf_arch]
-    fmt = chat_format_of(ob)
-    return ResolvedBase(spec, path, "ollama", None, hf_arch, short, gguf_arch, fmt,
-                        f"the TEMPLATE Ollama serves {ob.name} with", None, config, ob)
 
 
 def of_run(report: dict) -> tuple[OllamaBase, TemplateFormat] | None:

@@ -67,15 +67,14 @@ class Bridge:
         self.engine.close()
 
     def app(self) -> Starlette:
+        from starlette.routing import Route
+
         from ollama_ft.serve.auth import ApiKey
         from ollama_ft.serve.jobs_api import JobsAPI
+        from ollama_ft.serve.metrics import RequestMetrics
         from ollama_ft.serve.ollama_api import OllamaAPI
         from ollama_ft.serve.openai_api import OpenAIAPI
         from ollama_ft.serve.origins import OriginGuard
-
-        from starlette.routing import Route
-
-        from ollama_ft.serve.metrics import RequestMetrics
 
         routes = [Route("/metrics", self.metrics.endpoint, methods=["GET"])] + JobsAPI(self).routes()
         if self.upstream:

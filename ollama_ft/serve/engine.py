@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Iterator
 
 from ollama_ft.errors import OllamaError
-from ollama_ft.ollama.modelfile import (BOOL_PARAMETERS, DEPRECATED_PARAMETERS, FLOAT_PARAMETERS,
-                                         INT_PARAMETERS, LIST_PARAMETERS, PARAMETERS)
+from ollama_ft.ollama.modelfile import (
+    BOOL_PARAMETERS,
+    DEPRECATED_PARAMETERS,
+    FLOAT_PARAMETERS,
+    INT_PARAMETERS,
+    LIST_PARAMETERS,
+    PARAMETERS,
+)
 
 # Ollama's defaults, overridden by the model's PARAMETERs, then by the request's options
 DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,

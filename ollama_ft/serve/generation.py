@@ -15,12 +15,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ollama_ft.errors import OllamaError
-from ollama_ft.serve.engine import (DEFAULT_OPTIONS, BadOption, Engine, ModelTooLarge, ServerBusy,
-                                    check_options, parse_keep_alive)
+from ollama_ft.ollamafmt.prompt import ThinkingSplitter
+from ollama_ft.serve.engine import (
+    DEFAULT_OPTIONS,
+    BadOption,
+    Engine,
+    ModelTooLarge,
+    ServerBusy,
+    check_options,
+    parse_keep_alive,
+)
 from ollama_ft.serve.http import HTTPError, error, now_iso
 from ollama_ft.serve.incidents import incident
 from ollama_ft.serve.models import Model, Registry
-from ollama_ft.serve.prompt import ThinkingSplitter
 from ollama_ft.serve.store import NotFound
 
 
@@ -87,7 +94,7 @@ async def start(engine: Engine, req: GenRequest, chat_messages, tools=None, raw=
             engine.unload_name(model.name)
             yield {"done": "unload", "total_duration": int((time.perf_counter() - t0) * 1e9)}
         return unload()
-    from ollama_ft.serve.ggufinfo import cached_info
+    from ollama_ft.ollamafmt.ggufinfo import cached_info
 
     try:
         n_ctx = engine.fit_ctx(model.model_path, model.adapter_path,

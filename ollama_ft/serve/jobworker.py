@@ -36,9 +36,9 @@ class ProgressEvents(TrainerCallback):
         self.t0 = time.perf_counter()
         self.start_step = state.global_step
         if state.is_world_process_zero and self.run_dir is not None:
-            from ollama_ft.rundir import RUN_FILES, read_json
+            from ollama_ft.run import Run
 
-            data = read_json(self.run_dir / RUN_FILES["data_report"])  # the check, done by now
+            data = Run(self.run_dir).data_report  # the check, done by now
             if data:
                 self.emit({"type": "data", "report": data.get("train"),
                            "train_examples": data.get("train_examples"),

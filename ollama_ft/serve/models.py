@@ -15,10 +15,10 @@ from typing import Iterator
 
 from ollama_ft.errors import OllamaError
 from ollama_ft.ollama.names import parse_name
+from ollama_ft.ollamafmt.capabilities import capabilities, uses_go_template
+from ollama_ft.ollamafmt.ggufinfo import NotGGUF, cached_info, chat_template
+from ollama_ft.ollamafmt.prompt import JinjaPrompt, PromptTemplate
 from ollama_ft.serve.engine import check_options
-from ollama_ft.serve.ggufinfo import NotGGUF, cached_info, chat_template
-from ollama_ft.serve.capabilities import capabilities, uses_go_template
-from ollama_ft.serve.prompt import JinjaPrompt, PromptTemplate
 from ollama_ft.serve.store import LAYER, Manifest, NotFound, Store, check_digest
 
 
@@ -82,7 +82,7 @@ class Model:
 @functools.lru_cache(maxsize=64)
 def _gguf_specials(path: Path) -> tuple[str, str]:
     """(BOS text, EOS text) of a GGUF, for Jinja templates that write bos_token."""
-    from ollama_ft.serve.ggufinfo import token_texts
+    from ollama_ft.ollamafmt.ggufinfo import token_texts
 
     meta = cached_info(path).metadata
     ids = [meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")]

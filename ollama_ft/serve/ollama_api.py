@@ -229,7 +229,7 @@ class OllamaAPI:
         msgs = []
         template = req.model.prompt_template
         if body.get("template"):
-            from ollama_ft.serve.prompt import PromptTemplate
+            from ollama_ft.ollamafmt.prompt import PromptTemplate
 
             try:
                 template = PromptTemplate(body["template"])

@@ -59,11 +59,11 @@ def pick_upstream(upstream: str | None, embedded: bool, own_url: str, log=print)
 def serve(listen: str | None = None, api_key: str | None = None, home: str | None = None,
           upstream: str | None = None, embedded: bool = False, log=print, data_dirs=(),
           allow_remote_code: bool = False) -> None:
+    import logging
+
     import uvicorn
 
     from ollama_ft.serve.app import Bridge
-
-    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)

@@ -63,7 +63,10 @@ def adapter_state_dict(model, accelerator=None) -> dict | None:
         return accelerator.get_state_dict(model)  # ZeRO-3: DeepSpeed's own gather (untested here)
     if not _is_sharded(model):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))

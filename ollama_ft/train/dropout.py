@@ -14,70 +14,52 @@ from __future__ import annotations
 
 import math
 
-_FN = None
+import torch
 
 
-def _masked_scale_function():
-    import torch
+class MaskedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, drop, scale):
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return x.mul(scale).masked_fill_(drop, 0.0)
 
-    class MaskedScale(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, drop, scale):
-            ctx.save_for_backward(drop)
-            ctx.scale = scale
-            return x.mul(scale).masked_fill_(drop, 0.0)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (drop,) = ctx.saved_tensors
-            return grad.mul(ctx.scale).masked_fill_(drop, 0.0), None, None
-
-    return MaskedScale
+    @staticmethod
+    def backward(ctx, grad):
+        (drop,) = ctx.saved_tensors
+        return grad.mul(ctx.scale).masked_fill_(drop, 0.0), None, None
 
 
 def drop_mask(shape, cut: int, device):
     """(drop mask, scale): each element dropped with probability cut/65536, from 16 random bits."""
-    import torch
-
     n = math.prod(shape)
     words = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=device)
     halves = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
     return halves < cut - 32768, 65536 / (65536 - cut)
 
 
-def _module_class():
-    import torch
+class FastDropout(torch.nn.Module):
+    """Drop-in for nn.Dropout on LoRA inputs (see the module docstring)."""
 
-    class FastDropout(torch.nn.Module):
-        """Drop-in for nn.Dropout on LoRA inputs (see the module docstring)."""
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.cut = round(p * 65536)  # p in units of 2^-16
 
-        def __init__(self, p: float):
-            super().__init__()
-            self.p = p
-            self.cut = round(p * 65536)  # p in units of 2^-16
+    def forward(self, x):
+        if not self.training or self.cut == 0:
+            return x
+        if self.cut >= 65536:  # p within 2^-17 of 1: everything dropped
+            return x * 0.0
+        drop, scale = drop_mask(x.shape, self.cut, x.device)
+        return MaskedScale.apply(x, drop, scale)
 
-        def forward(self, x):
-            global _FN
-            if not self.training or self.cut == 0:
-                return x
-            if self.cut >= 65536:  # p within 2^-17 of 1: everything dropped
-                return x * 0.0
-            if _FN is None:
-                _FN = _masked_scale_function()
-            drop, scale = drop_mask(x.shape, self.cut, x.device)
-            return _FN.apply(x, drop, scale)
-
-        def extra_repr(self):
-            return f"p={self.p}"
-
-    return FastDropout
+    def extra_repr(self):
+        return f"p={self.p}"
 
 
 def use_fast_lora_dropout(model) -> int:
     """Swap every LoRA adapter's nn.Dropout (p > 0) for FastDropout; returns how many."""
-    import torch
-
-    cls = _module_class()
     swapped = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
@@ -85,6 +67,6 @@ def use_fast_lora_dropout(model) -> int:
             continue
         for name, drop in list(drops.items()):
             if type(drop) is torch.nn.Dropout and drop.p > 0:
-                drops[name] = cls(drop.p)
+                drops[name] = FastDropout(drop.p)
                 swapped += 1
     return swapped

@@ -13,6 +13,8 @@ the same gradients, with the memory of one chunk of logits and one vocabulary ma
 
 from __future__ import annotations
 
+import torch
+
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in fp32)
 
 
@@ -55,63 +57,53 @@ def install_selective_forward(model) -> None:
     lm._ollama_ft_selective = True
 
 
-def _chunked_ce_function():
-    import torch
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i) without materialising all logits; gradients computed in
+    the forward pass, chunk by chunk."""
 
-    class ChunkedLinearCrossEntropy(torch.autograd.Function):
-        """sum_i CE(h_i @ W^T, t_i) without materialising all logits; gradients computed in
-        the forward pass, chunk by chunk."""
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, need_h, need_w):
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            # gradients kept in fp32 until the incoming gradient (1/n, a loss scale) is
+            # applied in backward
+            grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for s in range(0, h.shape[0], chunk):
+                hc, t = h[s:s + chunk], targets[s:s + chunk]
+                logits = (hc.to(weight.dtype) @ weight.t()).float()
+                top = logits.amax(dim=1, keepdim=True)
+                logits.sub_(top)  # in place: one chunk of logits is all that is ever held
+                picked = logits.gather(1, t[:, None])
+                logits.exp_()
+                norm = logits.sum(dim=1, keepdim=True)
+                total += (norm.log() - picked).sum()
+                if need_h or need_w:
+                    # d loss / d logits = softmax - onehot, formed in fp32 (so confident
+                    # tokens keep their small gradient in bf16 too), then one matmul each
+                    logits.div_(norm)
+                    logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    if need_h:
+                        grad_h[s:s + chunk] = logits.to(weight.dtype) @ weight
+                    if need_w:
+                        grad_w += logits.t() @ hc.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = h.dtype, weight.dtype
+        return total
 
-        @staticmethod
-        def forward(ctx, h, weight, targets, chunk, need_h, need_w):
-            with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here
-                total = torch.zeros((), dtype=torch.float32, device=h.device)
-                # gradients kept in fp32 until the incoming gradient (1/n, a loss scale) is
-                # applied in backward
-                grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
-                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-                for s in range(0, h.shape[0], chunk):
-                    hc, t = h[s:s + chunk], targets[s:s + chunk]
-                    logits = (hc.to(weight.dtype) @ weight.t()).float()
-                    top = logits.amax(dim=1, keepdim=True)
-                    logits.sub_(top)  # in place: one chunk of logits is all that is ever held
-                    picked = logits.gather(1, t[:, None])
-                    logits.exp_()
-                    norm = logits.sum(dim=1, keepdim=True)
-                    total += (norm.log() - picked).sum()
-                    if need_h or need_w:
-                        # d loss / d logits = softmax - onehot, formed in fp32 (so confident
-                        # tokens keep their small gradient in bf16 too), then one matmul each
-                        logits.div_(norm)
-                        logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                        if need_h:
-                            grad_h[s:s + chunk] = logits.to(weight.dtype) @ weight
-                        if need_w:
-                            grad_w += logits.t() @ hc.float()
-            ctx.save_for_backward(grad_h, grad_w)
-            ctx.dtypes = h.dtype, weight.dtype
-            return total
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, grad_out):
-            grad_h, grad_w = ctx.saved_tensors
-            h_dtype, w_dtype = ctx.dtypes
-            gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-            gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-            return gh, gw, None, None, None, None
-
-    return ChunkedLinearCrossEntropy
-
-
-_FN = None
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
 
 
 def _is_plain_linear(module) -> bool:
     """A bias-free nn.Linear, or the same under a sharding wrapper (FSDP2 swaps the class for
     a subclass that keeps Linear.forward); quantized or adapter-wrapped heads are not."""
-    import torch
-
     return (isinstance(module, torch.nn.Linear) and module.bias is None
             and type(module).forward is torch.nn.Linear.forward)
 
@@ -120,11 +112,6 @@ def _install_chunked_head(lm_head) -> None:
     """Let `lm_head(h, ce_targets=t)` return the chunked cross-entropy sum. Going through the
     module's call runs the hooks of FSDP2 / ZeRO-3 that gather its weight first, so
     lm_head.weight is whole inside; without ce_targets it is the plain projection."""
-    import torch
-
-    global _FN
-    if _FN is None:
-        _FN = _chunked_ce_function()
     if lm_head.__dict__.get("_ollama_ft_chunked"):
         return
 
@@ -138,7 +125,7 @@ def _install_chunked_head(lm_head) -> None:
         chunk = max(16, chunk)
         grad_on = torch.is_grad_enabled()
         with torch.profiler.record_function("linear_cross_entropy"):  # named in profiles
-            return _FN.apply(x, weight, ce_targets, chunk, grad_on and x.requires_grad,
+            return ChunkedLinearCrossEntropy.apply(x, weight, ce_targets, chunk, grad_on and x.requires_grad,
                              grad_on and weight.requires_grad)
 
     lm_head.forward = forward
@@ -147,7 +134,7 @@ def _install_chunked_head(lm_head) -> None:
 
 def linear_cross_entropy_sum(h, lm_head, targets):
     """Sum of token cross-entropies of lm_head(h) against targets."""
-    import torch.nn.functional as F
+    F = torch.nn.functional
 
     if _is_plain_linear(lm_head):
         _install_chunked_head(lm_head)
@@ -159,8 +146,6 @@ def linear_cross_entropy_sum(h, lm_head, targets):
 def selective_lm_loss(model, inputs: dict, num_items_in_batch=None):
     """Mean token loss at the label positions, through `model`'s own forward (wrappers
     included: see install_selective_forward)."""
-    import torch
-
     install_selective_forward(model)
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
     loss, count = model(**kwargs, selective_labels=inputs["labels"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = -100
+from ollama_ft.data.tokenize import IGNORE
 
 
 def pack_rows(lengths, max_len: int) -> list[np.ndarray]:

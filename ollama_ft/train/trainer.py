@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ollama_ft.config import RunConfig, write_yaml
 from ollama_ft.errors import ConfigError, TrainingError
-from ollama_ft.rundir import RUN_FILES, update_report, write_json
+from ollama_ft.run import Run
+from ollama_ft.rundir import RUN_FILES, write_json
 
 
 @dataclass
@@ -166,20 +167,11 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
     """Train the LoRA adapter of `cfg` into cfg.run_dir. Returns a TrainResult. `host`: the
     Ollama daemon of an `ollama:NAME` base (default OLLAMA_HOST)."""
     from ollama_ft.hub import resolve_base
-    from ollama_ft.train.distributed import check_sharding
 
     t_start = time.perf_counter()
     run_dir = cfg.run_dir
     main = is_main_process()
-    device, precision = pick_device_and_precision(cfg)
-    check_sharding(device)  # FSDP / ZeRO-3 asked of a CPU run: refused before anything loads
-    from ollama_ft.train.callbacks import check_report_to
-
-    check_report_to(cfg.report_to)  # a missing mlflow/wandb: said now, not after loading
-    if cfg.load_in_4bit:  # and a missing bitsandbytes
-        from ollama_ft.train.qlora import check_4bit
-
-        check_4bit(device)
+    device, precision = _preflight(cfg)
     resume_from = _resume_checkpoint(cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,12 +193,60 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
         log("  " + line)
 
     log(f"device: {device}, precision: {precision}")
-    model = load_model(base, cfg, device, precision)
+    model, trainable = _peft_model(base, cfg, device, precision, log)
+    trainer, interrupt, metrics_cb = _make_trainer(cfg, model, tokenizer, train_enc, eval_enc,
+                                                   device, precision, callbacks)
+    from ollama_ft.train.callbacks import check_report_to
+
+    if "tensorboard" in check_report_to(cfg.report_to):
+        log(f"watch it live: tensorboard --logdir {run_dir / 'tensorboard'}")
+    out = _fit(trainer, cfg, resume_from)
+    state = trainer.state
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    adapter_dir = None
+    if not interrupt.interrupted:
+        from ollama_ft.train.distributed import adapter_state_dict
+
+        weights = adapter_state_dict(trainer.model, trainer.accelerator)  # all ranks: gathers shards
+        if main:
+            adapter_dir = _save_adapter(trainer.model, run_dir, weights)
+    result = TrainResult(run_dir, adapter_dir, state.global_step,
+                         out.metrics.get("train_loss") if out else None,
+                         eval_losses[-1] if eval_losses else None, interrupt.interrupted,
+                         round(time.perf_counter() - t_start, 2))
+    if main:
+        from ollama_ft.train.metrics import plot_loss
+
+        plot_loss(run_dir / RUN_FILES["metrics"], run_dir / RUN_FILES["loss_plot"], cfg.name)
+        Run(run_dir).record("train", _train_section(
+            cfg, base, device, precision, state, out, result, metrics_cb.last_row, report,
+            trainable))
+    return result
+
+
+def _preflight(cfg: RunConfig) -> tuple[str, str]:
+    """The device and precision, after the checks that must fail before anything loads."""
+    from ollama_ft.train.callbacks import check_report_to
+    from ollama_ft.train.distributed import check_sharding
+
+    device, precision = pick_device_and_precision(cfg)
+    check_sharding(device)  # FSDP / ZeRO-3 asked of a CPU run: refused before anything loads
+    check_report_to(cfg.report_to)  # a missing mlflow/wandb: said now, not after loading
+    if cfg.load_in_4bit:  # and a missing bitsandbytes
+        from ollama_ft.train.qlora import check_4bit
+
+        check_4bit(device)
+    return device, precision
+
+
+def _peft_model(base, cfg: RunConfig, device: str, precision: str, log):
+    """The base with its LoRA layers, ready to train; and the number of trainable parameters."""
     from peft import get_peft_model
     from transformers import set_seed
 
     from ollama_ft.train.lora import exact_targets, lora_config
 
+    model = load_model(base, cfg, device, precision)
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same adapter init
     with exact_targets(base.architecture):
         model = get_peft_model(model, lora_config(cfg, base.architecture))
@@ -224,13 +264,12 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
     log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on "
         f"{', '.join(model.peft_config['default'].target_modules)}: "
         f"{trainable:,} trainable of {total:,} parameters")
+    return model, trainable
 
-    trainer, interrupt, metrics_cb = _make_trainer(cfg, model, tokenizer, train_enc, eval_enc,
-                                                   device, precision, callbacks)
-    if "tensorboard" in check_report_to(cfg.report_to):
-        log(f"watch it live: tensorboard --logdir {run_dir / 'tensorboard'}")
+
+def _fit(trainer, cfg: RunConfig, resume_from):
     try:
-        out = trainer.train(resume_from_checkpoint=resume_from)
+        return trainer.train(resume_from_checkpoint=resume_from)
     except RuntimeError as e:
         if "out of memory" in str(e).lower():
             raise TrainingError("out of memory: lower --batch-size or --max-len, raise "
@@ -238,40 +277,25 @@ def train_stage(cfg: RunConfig, base=None, callbacks=(), log=print,
                                 " / --load-in-4bit; checkpoints so far are kept in "
                                 f"{_checkpoints_dir(cfg)}") from None
         raise
-    state = trainer.state
-    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
-    adapter_dir = None
-    if not interrupt.interrupted:
-        from ollama_ft.train.distributed import adapter_state_dict
 
-        weights = adapter_state_dict(trainer.model, trainer.accelerator)  # all ranks: gathers shards
-        if main:
-            adapter_dir = _save_adapter(trainer.model, run_dir, weights)
-    if main:
-        from ollama_ft.train.metrics import plot_loss
 
-        plot_loss(run_dir / RUN_FILES["metrics"], run_dir / RUN_FILES["loss_plot"], cfg.name)
-    result = TrainResult(run_dir, adapter_dir, state.global_step,
-                         out.metrics.get("train_loss") if out else None,
-                         eval_losses[-1] if eval_losses else None, interrupt.interrupted,
-                         round(time.perf_counter() - t_start, 2))
-    if main:
-        last = metrics_cb.last_row
-        update_report(run_dir, "train", {
-            "base": base.spec, "base_path": str(base.path), "repo_id": base.repo_id,
-            "architecture": base.architecture, "chat_format": base.chat_format.name,
-            "device": device, "precision": precision, "load_in_4bit": cfg.load_in_4bit,
-            "steps": state.global_step,
-            "max_steps": state.max_steps, "epochs": round(state.epoch or 0, 3),
-            "final_loss": last.get("loss"), "eval_loss": result.eval_loss,
-            "train_loss_mean": result.train_loss, "tokens_seen": state.num_input_tokens_seen,
-            "tokens_per_s": round(state.num_input_tokens_seen / max(out.metrics.get(
-                "train_runtime", 1e-9), 1e-9), 1) if out else None,
-            "runtime_s": result.runtime_s, **_peak(), "interrupted": interrupt.interrupted,
-            "adapter": str(adapter_dir) if adapter_dir else None,
-            "system_prompt": report.system_prompt,
-            "trainable_parameters": trainable, **_ollama_base_entry(base)})
-    return result
+def _train_section(cfg, base, device, precision, state, out, result, last: dict, report,
+                   trainable: int) -> dict:
+    """report.json's train section."""
+    return {
+        "base": base.spec, "base_path": str(base.path), "repo_id": base.repo_id,
+        "architecture": base.architecture, "chat_format": base.chat_format.name,
+        "device": device, "precision": precision, "load_in_4bit": cfg.load_in_4bit,
+        "steps": state.global_step,
+        "max_steps": state.max_steps, "epochs": round(state.epoch or 0, 3),
+        "final_loss": last.get("loss"), "eval_loss": result.eval_loss,
+        "train_loss_mean": result.train_loss, "tokens_seen": state.num_input_tokens_seen,
+        "tokens_per_s": round(state.num_input_tokens_seen / max(out.metrics.get(
+            "train_runtime", 1e-9), 1e-9), 1) if out else None,
+        "runtime_s": result.runtime_s, **_peak(), "interrupted": result.interrupted,
+        "adapter": str(result.adapter_dir) if result.adapter_dir else None,
+        "system_prompt": report.system_prompt,
+        "trainable_parameters": trainable, **_ollama_base_entry(base)}
 
 
 def _ollama_base_entry(base) -> dict:
@@ -287,42 +311,17 @@ def _peak():
     return peak_memory_mb()
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    from ollama_ft.train.loss import selective_lm_loss
-
-    class LoRATrainer(Trainer):
-        """The stock Trainer; only the loss is computed where the labels are (train/loss.py),
-        and packed batches report their real token count."""
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.model_accepts_loss_kwargs = True  # count label tokens across accumulation
-            self.loss_is_scaled_for_ga = True  # our loss divides by that count itself
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            real = inputs.pop("num_real_tokens", None)
-            if real is not None and model.training:
-                total = self.accelerator.gather(real.reshape(1).to(self.args.device)).sum()
-                self.state.num_input_tokens_seen += int(total)
-            loss = selective_lm_loss(model, inputs, num_items_in_batch)
-            if (num_items_in_batch is not None and self.args.average_tokens_across_devices
-                    and self.accelerator.num_processes > 1):
-                loss = loss * self.accelerator.num_processes  # the count is global
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-    return LoRATrainer
-
-
 def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision, callbacks):
     from transformers import EarlyStoppingCallback, TrainingArguments
 
+    from ollama_ft.train.callbacks import (
+        InterruptCallback,
+        MetricsCallback,
+        ProgressCallback,
+        report_callbacks,
+    )
     from ollama_ft.train.dataset import PackedDataset, TokenDataset
     from ollama_ft.train.packing import PackedCollator
-
-    from ollama_ft.train.callbacks import (InterruptCallback, MetricsCallback, ProgressCallback,
-                                           report_callbacks)
 
     report_to, report_cbs = report_callbacks(cfg.report_to, cfg.run_dir / "tensorboard")
     has_eval = bool(eval_enc)
@@ -376,11 +375,14 @@ def _make_trainer(cfg, model, tokenizer, train_enc, eval_enc, device, precision,
         rows, eval_rows = PackedDataset(train_enc, cfg.max_len), PackedDataset(eval_enc, cfg.max_len)
     else:
         rows, eval_rows = TokenDataset(train_enc), TokenDataset(eval_enc)
-    trainer = _trainer_class()(
+    from ollama_ft.train.lora_trainer import LoRATrainer
+
+    trainer = LoRATrainer(
         model=model, args=args, data_collator=PackedCollator(pad_id) if cfg.packing else Collator(pad_id),
         train_dataset=rows, eval_dataset=eval_rows if len(eval_rows) else None, callbacks=cbs)
     # the default console printer duplicates our bar
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgress
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(HFProgress)

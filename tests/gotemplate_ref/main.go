@@ -1,4 +1,4 @@
-// Reference executor for differential tests of ollama_ft/serve/gotemplate.py:
+// Reference executor for differential tests of ollama_ft/ollamafmt/gotemplate.py:
 // reads a JSON array of {"template": "...", "data": {...}} from stdin and prints a JSON
 // array of {"out": "..."} or {"error": "..."}, executing each with Go's text/template,
 // missingkey=zero and the functions Ollama's templates have.

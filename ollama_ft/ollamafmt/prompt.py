@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from ollama_ft.serve.gotemplate import Template
+from ollama_ft.ollamafmt.gotemplate import Template
 
 _SENTINEL = "\x00\x01RESPONSE\x01\x00"
 
@@ -112,7 +112,7 @@ def render_fitting(render, messages: list[dict], n_ctx: int, count_tokens: Calla
 
 class JinjaPrompt:
     """A GGUF's own chat template, for the models Ollama >= 0.30 renders with it (see
-    serve/capabilities.py): HF semantics (jinja2, trim_blocks and lstrip_blocks), earlier
+    capabilities.py): HF semantics (jinja2, trim_blocks and lstrip_blocks), earlier
     reasoning passed as `reasoning_content`, thinking as `enable_thinking`."""
 
     uses_messages = True
@@ -120,7 +120,7 @@ class JinjaPrompt:
     def __init__(self, text: str, bos_token: str = "", eos_token: str = ""):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        from ollama_ft.serve.capabilities import chat_template_capabilities
+        from ollama_ft.ollamafmt.capabilities import chat_template_capabilities
 
         self.text = text
         self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) \

@@ -44,7 +44,7 @@ def chat_template_has_tool_round_trip(text: str | None) -> bool:
 
 
 def go_template_capabilities(template) -> list[str]:
-    """`template`: a serve.prompt.PromptTemplate (or None)."""
+    """`template`: a prompt.PromptTemplate (or None)."""
     if template is None:
         return []
     caps = []
