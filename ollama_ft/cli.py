@@ -8,7 +8,7 @@ import click
 
 from ollama_ft import __version__
 from ollama_ft.errors import OllamaFtError
-from ollama_ft.quants import DEFAULT_QUANT, quants_help
+from ollama_ft.quants import DEFAULT_QUANT, QUANT_TYPES
 
 
 class Group(click.Group):
@@ -159,7 +159,8 @@ def models(host):
 # --- export / modelfile / register -------------------------------------------------------------
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--quant", help=quants_help() + "; the run's quant when not given.")
+@click.option("--quant", help=f"GGUF type(s), comma-separated: {', '.join(QUANT_TYPES)} "
+              "(default: the run's quant).")
 @click.option("--adapter-only", is_flag=True, help="Write adapter.gguf (LoRA) plus the base GGUF.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), help="The base folder, if it moved.")
 @click.option("--threads", type=int, help="CPU threads (default: all cores).")

@@ -94,8 +94,12 @@ def modelfile_for_run(run, *, system: str | None = None, overrides=None, templat
             merged = bool(run.setting("merged"))
         return modelfile.build(ob, max_len=run.setting("max_len"), merged=merged,
                                system=system, overrides=overrides)
-    chat_format = run.chat_format_name() if template_file is None else \
-        (run.train.get("chat_format") or run.setting("chat_format"))
+    if template_file is None:
+        chat_format = run.chat_format_name()
+    else:  # the format's stops and defaults still apply, when the run names one
+        entry = run.catalog_entry()
+        chat_format = run.train.get("chat_format") or run.setting("chat_format") or \
+            (entry.chat_format if entry else None)
     quant = quant or run.served_quant(adapter)
     from_ = "./" + gguf_name(quant_names(quant)[0], base=True) if adapter else None
     return build_modelfile(chat_format, quant=quant, max_len=run.setting("max_len"),
@@ -160,7 +164,7 @@ def _expected(run: Run, mf, template_file):
     """What training renders, for register's check of what the daemon renders."""
     from ollama_ft.ollama.verify import Expected
 
-    base = run.train.get("base_path")
+    base = run.export.get("base_path") or run.train.get("base_path")  # export --base: moved
     tokenizer = Path(base) / "tokenizer.json" if base else None
     if run.ollama_base:  # trained on the daemon's own TEMPLATE
         from ollama_ft.ollama_base.resolve import of_run

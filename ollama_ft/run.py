@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ollama_ft.errors import RunDirError
+from ollama_ft.errors import BaseModelError, RunDirError
 from ollama_ft.rundir import RUN_FILES, read_json, update_report
 
 ADAPTER_GGUF = "adapter.gguf"  # the LoRA as llama.cpp loads it (export --adapter-only)
@@ -38,7 +38,7 @@ def gguf_name(quant: str, base: bool = False) -> str:
 class Run:
     def __init__(self, path: str | Path):
         self.dir = Path(path)
-        self._cache: dict[str, tuple[tuple[int, int] | None, object]] = {}
+        self._cache: dict[str, tuple[tuple[int, int, int] | None, object]] = {}
 
     @classmethod
     def open(cls, path: "str | Path | Run") -> "Run":
@@ -60,7 +60,7 @@ class Run:
         path = self.path(key)
         try:
             st = path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # record() renames a new file in
         except OSError:
             stamp = None
         cached = self._cache.get(key)
@@ -144,6 +144,7 @@ class Run:
     def record(self, section: str, values: dict) -> None:
         """Write one section of report.json (the others kept)."""
         update_report(self.dir, section, values)
+        self._cache.pop("report", None)
 
     # --- the base and the chat format ---------------------------------------------------------
     def base_path(self, override: str | Path | None = None) -> Path:
@@ -170,14 +171,22 @@ class Run:
         if self.ollama_base:
             return f"ollama:{self.ollama_base.get('name', '?')}"
         name = self.train.get("chat_format") or self.settings.get("chat_format")
-        if not name:
-            where = base_path or self.train.get("base_path")
-            if not where:
+        where = base_path or self.train.get("base_path")
+        if not name and not where:  # no checkpoint to look at: the catalogue's entry
+            entry = self.catalog_entry()
+            name = entry.chat_format if entry else None
+            if not name:
                 raise RunDirError(f"{self.dir}: cannot tell the run's chat format: report.json "
                                   "and run.yaml name none and there is no base checkpoint to "
-                                  "look at. Set chat_format in run.yaml")
-            name = checkpoint_chat_format(Path(where), self._catalog_entry(),
-                                          f"{self.dir}: the base {where}")[0].name
+                                  "look at. Set chat_format in run.yaml, or give an Ollama Go "
+                                  "template with --template FILE")
+        if not name:
+            try:
+                name = checkpoint_chat_format(Path(where), self.catalog_entry(),
+                                              f"{self.dir}: the base {where}")[0].name
+            except BaseModelError as e:  # said for training; here a --template is the way out
+                raise RunDirError(f"{e}; or give an Ollama Go template with --template FILE") \
+                    from None
         if name not in FORMATS and not name.startswith("ollama:"):
             raise RunDirError(f"{self.path('report')}: train.chat_format {name!r} is not one of "
                               f"{', '.join(FORMATS)}")
@@ -192,7 +201,8 @@ class Run:
     def repo_id(self) -> str | None:
         return self.train.get("repo_id")
 
-    def _catalog_entry(self):
+    def catalog_entry(self):
+        """The catalogue's entry of the run's base (by repo id, else alias), or None."""
         from ollama_ft import catalog
 
         return (catalog.lookup_repo(self.repo_id) if self.repo_id else None) or \
@@ -211,7 +221,7 @@ class Run:
                     return value
             except (OSError, ValueError, AttributeError):
                 pass
-        entry = self._catalog_entry()
+        entry = self.catalog_entry()
         return entry.context_length if entry else None
 
     # --- GGUF files ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ ever held whole, then runs each step as its own process and measures wall time a
 (wait4's ru_maxrss of the child; a sampler reads /proc/PID/status every 0.2 s for when the
 peak happened and how much of it was file pages):
 
-  train     ollama-ft train --no-export --no-register, a few steps (--train BxL[,nockpt] ...)
+  train     ollama-ft train --no-export --no-register, a few steps (--train BxL[,nockpt][,4bit])
   export    ollama-ft export RUN --quant q4_k_m
   usual     the usual path at the same size: PEFT merge_and_unload + save_pretrained,
             llama.cpp's convert_hf_to_gguf.py --outtype f16, llama.cpp's quantizer (Q4_K_M)
@@ -269,13 +269,15 @@ def cli(*args) -> list[str]:
 
 
 def parse_train(spec: str) -> dict:
-    """'2x512' or '2x512,nockpt' -> batch, max_len, gradient checkpointing."""
+    """'2x512', '2x512,nockpt' or '1x256,4bit' -> batch, max_len, gradient checkpointing,
+    4-bit (NF4) base."""
     shape, *flags = spec.split(",")
     batch, max_len = (int(x) for x in shape.lower().split("x"))
-    unknown = set(flags) - {"nockpt"}
+    unknown = set(flags) - {"nockpt", "4bit"}
     if unknown:
         raise SystemExit(f"--train {spec}: unknown flag(s) {', '.join(sorted(unknown))}")
-    return {"batch": batch, "max_len": max_len, "checkpointing": "nockpt" not in flags}
+    return {"batch": batch, "max_len": max_len, "checkpointing": "nockpt" not in flags,
+            "four_bit": "4bit" in flags}
 
 
 # `ollama-ft train` without its memory check (--no-plan-check): to measure a run the plan refuses
@@ -300,7 +302,8 @@ def planned(cmd: list, env: dict) -> dict:
 def step_train(base: Path, work: Path, spec: str, max_steps: int, env: dict, record: list,
                precision: str | None, check_plan: bool = True) -> dict:
     t = parse_train(spec)
-    tag = f"{t['batch']}x{t['max_len']}" + ("" if t["checkpointing"] else "-nockpt")
+    tag = f"{t['batch']}x{t['max_len']}" + ("" if t["checkpointing"] else "-nockpt") + \
+        ("-4bit" if t["four_bit"] else "")
     run = work / f"run-{tag}"
     shutil.rmtree(run, ignore_errors=True)
     data = work / f"data-{tag}.jsonl"
@@ -313,6 +316,8 @@ def step_train(base: Path, work: Path, spec: str, max_steps: int, env: dict, rec
               "--gradient-checkpointing" if t["checkpointing"] else "--no-gradient-checkpointing")
     if precision:
         cmd += ["--precision", precision]
+    if t["four_bit"]:
+        cmd += ["--load-in-4bit"]
     plan = planned(cmd, env)
     if not check_plan:
         cmd = [sys.executable, "-c", UNCHECKED_CLI, *cmd[3:]]
@@ -541,7 +546,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, required=True, help="checkpoint, runs and logs go "
                     "here (kept: the checkpoint is reused by the next call)")
     ap.add_argument("--steps", default=",".join(STEPS[1:]), help=f"comma-separated of {', '.join(STEPS)}")
-    ap.add_argument("--train", action="append", help="BATCHxMAX_LEN[,nockpt] of one training "
+    ap.add_argument("--train", action="append", help="BATCHxMAX_LEN[,nockpt][,4bit] of one training "
                     "run (repeatable; default 1x256). The first one's adapter is exported")
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--precision", help="train's --precision (default: the CLI's auto)")

@@ -293,7 +293,7 @@ def test_modelfile_for_run_detects_the_format_from_the_base(tmp_path):
         {"chat_template": "{{ '### Instruction:\\n' }}{{ '### Response:\\n' }}"}))
     assert modelfile_for_run(run).template == template_for("deepseek-coder")[0]
     (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>"}))
-    with pytest.raises(OllamaFtError, match="not one of the DeepSeek formats we know"):
+    with pytest.raises(OllamaFtError, match="not one of the DeepSeek formats we know.*--template FILE"):
         modelfile_for_run(run)
 
 

@@ -13,6 +13,7 @@ from ollama_ft.errors import QuantTypeError, RunDirError
 from ollama_ft.run import Run
 
 PKG = Path(__file__).resolve().parent.parent / "ollama_ft"
+CODER = "deepseek-coder:1.3b"  # a catalogue alias
 
 
 def make_run(tmp_path, yaml_text="name: t\nquant: q8_0,f16\nmax_len: 512\n", report=None):
@@ -82,6 +83,19 @@ def test_one_chat_format_rule(tmp_path):
         run.chat_format_name()
     run.record("train", {"base_path": str(base), "ollama_base": {"name": "smollm2:latest"}})
     assert run.chat_format_name() == "ollama:smollm2:latest"
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>"}))
+    run.record("train", {"base_path": str(base)})
+    (d / "run.yaml").write_text("name: t\n")
+    with pytest.raises(RunDirError, match="not one of the DeepSeek formats.*--template FILE"):
+        run.chat_format_name()
+
+
+def test_without_a_base_checkpoint_the_catalogue_names_the_format(tmp_path):
+    d = make_run(tmp_path, f"name: t\nbase: {CODER}\n", {})
+    assert Run.open(d).chat_format_name() == "deepseek-coder"
+    (d / "run.yaml").write_text("name: t\nbase: ./somewhere\n")
+    with pytest.raises(RunDirError, match="cannot tell the run's chat format"):
+        Run.open(d).chat_format_name()
 
 
 def test_gguf_names_and_the_served_quant(tmp_path):

@@ -191,7 +191,7 @@ def plan_export(run: Run, quants, adapter_only: bool, base, log, with_adapter: b
     file is written. The job holds the base checkpoint and adapter open until it runs."""
     from ollama_ft.chat_formats import FORMATS
     from ollama_ft.export.gguf import arch_spec
-    from ollama_ft.export.merge import Checkpoint, load_adapter
+    from ollama_ft.export.merge import Checkpoint, MergedModel, load_adapter
     from ollama_ft.export.vocab import read_tokenizer
     from ollama_ft.quants import parse_quants
 
@@ -208,7 +208,8 @@ def plan_export(run: Run, quants, adapter_only: bool, base, log, with_adapter: b
         raise
     job = ExportJob(info, types, adapter_only, with_adapter and adapter_only, base_config, ckpt,
                     adapter)
-    try:
+    try:  # the adapter is checked against the base first (a wrong --base says so)
+        job.merged = MergedModel(ckpt, adapter, trained_on=info.trained_on)
         job.tok = read_tokenizer(info.base_path, int(base_config["vocab_size"]),
                                  FORMATS[info.chat_format])
         job.prepare(log)
@@ -227,6 +228,7 @@ class ExportJob:
     base_config: dict
     ckpt: object
     adapter: object
+    merged: object = None  # base + adapter (export.merge.MergedModel), fit checked
     tok: object = None
     general: object = None
     fingerprint: str = ""
@@ -295,7 +297,7 @@ class ExportJob:
         from ollama_ft.export.merge import MergedModel
 
         run_dir, files, sizes = self.info.run_dir, {}, {}
-        model = MergedModel(self.ckpt, self.adapter, trained_on=self.info.trained_on)
+        model = self.merged
         if self.with_adapter:
             files["adapter"], sizes["adapter"] = self._write_adapter(created, log)
         if self.adapter_only:
