@@ -165,6 +165,27 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else 0.0
 
 
+def start(bridge, models: dict, fmt, qs, data: Path, base: str, job: dict) -> tuple[dict, dict]:
+    """Create the models, take each one's answer to each question (one chat at a time: the
+    answers a mixed-up reply would differ from), and start a training job on `data`."""
+    for name, gguf in models.items():
+        create(bridge.url, name, gguf, fmt)
+    expected = {}
+    for name in models:
+        for q in qs:
+            status, text, _ = chat(bridge.url, name, q)
+            assert status == 200, text
+            expected[name, q] = text
+    up = httpx.post(f"{bridge.url}/api/ft/uploads", params={"filename": "data.jsonl"},
+                    content=data.read_bytes(), timeout=60).json()
+    r = httpx.post(f"{bridge.url}/api/ft/jobs", timeout=60, json={
+        "base": base, "data": up["data"], "max_steps": 100000, "batch_size": 2, "max_len": 64,
+        **job})
+    if r.status_code != 201:
+        raise SystemExit(f"the training job was refused: {r.text}")
+    return expected, r.json()
+
+
 def run_load(run: Path, work: Path, chats: int, max_queue: int | None, seed: int = 0,
              log=print) -> dict:
     qs, data, base, fmt = questions_of(run)
@@ -174,24 +195,10 @@ def run_load(run: Path, work: Path, chats: int, max_queue: int | None, seed: int
     models = {"load-q4": run / "model-q4_k_m.gguf", "load-f16": run / "model-f16.gguf"}
     out: dict = {"chats": chats, "max_queue": max_queue, "cpus": os.cpu_count()}
     try:
-        for name, gguf in models.items():
-            create(bridge.url, name, gguf, fmt)
         log("reference answers (one chat at a time) ...")
-        expected = {}
-        for name in models:
-            for q in qs:
-                status, text, _ = chat(bridge.url, name, q)
-                assert status == 200, text
-                expected[name, q] = text
         # beside the chats: a training job and register/delete/register of the same run
-        up = httpx.post(f"{bridge.url}/api/ft/uploads", params={"filename": "data.jsonl"},
-                        content=data.read_bytes(), timeout=60).json()
-        r = httpx.post(f"{bridge.url}/api/ft/jobs", timeout=60, json={
-            "name": "loadjob", "base": base, "data": up["data"], "max_steps": 100000,
-            "save_steps": 20, "batch_size": 2, "max_len": 64, "logging_steps": 1})
-        if r.status_code != 201:
-            raise SystemExit(f"the training job was refused: {r.text}")
-        job = r.json()
+        expected, job = start(bridge, models, fmt, qs, data, base,
+                              {"name": "loadjob", "save_steps": 20, "logging_steps": 1})
         stop = threading.Event()
         registered = []
 
@@ -322,22 +329,8 @@ def run_soak(run: Path, work: Path, seconds: float, clients: int, seed: int = 0,
     out: dict = {"soak_s": seconds, "clients": clients, "cpus": os.cpu_count()}
     proc = psutil.Process(bridge.proc.pid)
     try:
-        for name, gguf in models.items():
-            create(bridge.url, name, gguf, fmt)
-        expected = {}
-        for name in models:
-            for q in qs:
-                status, text, _ = chat(bridge.url, name, q)
-                assert status == 200, text
-                expected[name, q] = text
-        up = httpx.post(f"{bridge.url}/api/ft/uploads", params={"filename": "data.jsonl"},
-                        content=data.read_bytes(), timeout=60).json()
-        r = httpx.post(f"{bridge.url}/api/ft/jobs", timeout=60, json={
-            "name": "soakjob", "base": base, "data": up["data"], "max_steps": 100000,
-            "save_steps": 50, "batch_size": 2, "max_len": 64, "logging_steps": 5})
-        if r.status_code != 201:
-            raise SystemExit(f"the training job was refused: {r.text}")
-        job = r.json()
+        expected, job = start(bridge, models, fmt, qs, data, base,
+                              {"name": "soakjob", "save_steps": 50, "logging_steps": 5})
         stop = threading.Event()
         t_start = time.perf_counter()
         end = t_start + seconds

@@ -165,17 +165,27 @@ class Store:
             os.replace(tmp, path)
             if old is not None and old != path:
                 old.unlink()
-        return self.get(name)
+            # read back under the lock: a concurrent create of the name in another case
+            # replaces this file (and unlinks it) as soon as the lock is free
+            return self.get(name)
 
     def get(self, name: str | ModelName) -> Manifest:
         mn = parse_name(name) if isinstance(name, str) else name
-        path = self._find(mn)
-        if path is None:
+        for _ in range(3):  # a create of the name in another case may replace the file meanwhile
+            path = self._find(mn)
+            if path is None:
+                raise NotFound(f"model '{name if isinstance(name, str) else mn.short}' not found")
+            try:
+                with open(path, "rb") as f:  # the bytes and the time of one file
+                    raw, mtime = f.read(), os.fstat(f.fileno()).st_mtime
+                break
+            except FileNotFoundError:
+                continue
+        else:
             raise NotFound(f"model '{name if isinstance(name, str) else mn.short}' not found")
-        raw = path.read_bytes()
         host, ns, model, tag = path.relative_to(self.manifests).parts
         return Manifest(ModelName(host, ns, model, tag), json.loads(raw),
-                        hashlib.sha256(raw).hexdigest(), len(raw), path.stat().st_mtime)
+                        hashlib.sha256(raw).hexdigest(), len(raw), mtime)
 
     def all_manifests(self) -> list[Manifest]:
         """Every readable manifest, whole or not."""
