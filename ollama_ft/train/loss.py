@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ollama_ft.data.tokenize import IGNORE
+
 CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk (128 MiB in fp32)
 
 
@@ -50,7 +52,7 @@ def install_selective_forward(model) -> None:
             "labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")}
         hidden = lm.model(*args, **kwargs, use_cache=False).last_hidden_state
         target = selective_labels[:, 1:]
-        keep = target != -100
+        keep = target != IGNORE
         return linear_cross_entropy_sum(hidden[:, :-1][keep], lm.lm_head, target[keep]), keep.sum()
 
     lm.forward = forward

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ollama_ft.config import RunConfig, write_yaml
+from ollama_ft.data.tokenize import IGNORE
 from ollama_ft.errors import ConfigError, TrainingError
 from ollama_ft.run import Run
 from ollama_ft.rundir import RUN_FILES, write_json
@@ -61,7 +62,7 @@ def pick_device_and_precision(cfg: RunConfig) -> tuple[str, str]:
 
 
 class Collator:
-    """Pad a batch to its longest example; labels padded with -100."""
+    """Pad a batch to its longest example; labels padded with IGNORE."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -71,7 +72,7 @@ class Collator:
 
         n = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)
         for i, b in enumerate(batch):
             k = len(b["input_ids"])
