@@ -86,7 +86,7 @@ def modelfile_for_run(run, *, system: str | None = None, overrides=None, templat
         from ollama_ft.ollama_base import modelfile
         from ollama_ft.ollama_base.resolve import of_run
 
-        ob = of_run(run.report)[0]
+        ob = of_run(run)[0]
         if template_file is not None:
             raise TemplateError(f"{run.dir}: trained on the TEMPLATE of {ob.name}; a "
                                 "--template of your own would not be what training saw")
@@ -169,6 +169,6 @@ def _expected(run: Run, mf, template_file):
     if run.ollama_base:  # trained on the daemon's own TEMPLATE
         from ollama_ft.ollama_base.resolve import of_run
 
-        return Expected(of_run(run.report)[1], tokenizer, mf.system)
+        return Expected(of_run(run)[1], tokenizer, mf.system)
     fmt = None if template_file else run.chat_format_name()
     return Expected(fmt, tokenizer, mf.system)

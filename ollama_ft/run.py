@@ -21,9 +21,14 @@ The file primitives (whole writes, RUN_FILES) are in rundir.py.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ollama_ft import catalog
+from ollama_ft.chat_formats import FORMATS, checkpoint_chat_format
+from ollama_ft.config import RunConfig, from_mapping
 from ollama_ft.errors import BaseModelError, RunDirError
+from ollama_ft.quants import DEFAULT_QUANT, quant_names
 from ollama_ft.rundir import RUN_FILES, read_json, update_report
 
 ADAPTER_GGUF = "adapter.gguf"  # the LoRA as llama.cpp loads it (export --adapter-only)
@@ -90,8 +95,6 @@ class Run:
         """The typed RunConfig of run.yaml (checked key by key, as --config is), or None."""
         if not self.path("config").is_file():
             return None
-        from ollama_ft.config import RunConfig, from_mapping
-
         return RunConfig(**from_mapping(self.settings, str(self.path("config"))))
 
     def setting(self, key: str, default=None):
@@ -166,8 +169,6 @@ class Run:
         (chat_formats.checkpoint_chat_format: its chat template, the catalogue, its special
         tokens). An Ollama base's format is its TEMPLATE (ollama_base.resolve.of_run builds
         it); its name here is "ollama:NAME"."""
-        from ollama_ft.chat_formats import FORMATS, checkpoint_chat_format
-
         if self.ollama_base:
             return f"ollama:{self.ollama_base.get('name', '?')}"
         name = self.train.get("chat_format") or self.settings.get("chat_format")
@@ -203,15 +204,11 @@ class Run:
 
     def catalog_entry(self):
         """The catalogue's entry of the run's base (by repo id, else alias), or None."""
-        from ollama_ft import catalog
-
         return (catalog.lookup_repo(self.repo_id) if self.repo_id else None) or \
             (catalog.lookup_alias(self.base_spec) if self.base_spec else None)
 
     def base_context(self) -> int | None:
         """The base's context length: its config.json, else the catalogue's."""
-        import json
-
         where = self.train.get("base_path")
         if where:
             try:
@@ -235,8 +232,6 @@ class Run:
     def served_quant(self, base: bool = False) -> str:
         """The quant the run is served as (register, Modelfile and eval take this one):
         run.yaml's; if its GGUF is not there, the first exported one that is."""
-        from ollama_ft.quants import DEFAULT_QUANT, quant_names
-
         quant = self.settings.get("quant") or DEFAULT_QUANT
         first = quant_names(quant)
         if first and not self.gguf(first[0], base).is_file():

@@ -18,11 +18,17 @@ RUN_FILES = {
 }
 
 
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed: `.NAME.tmp-PID` beside it (a dead writer's
+    files are found by that pattern and removed)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name beside `path`, then rename: `path` is always whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

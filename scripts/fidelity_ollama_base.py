@@ -45,11 +45,11 @@ def measure(run: Path, data: Path, limit: int) -> dict:
     from ollama_ft.data.tokenize import encode_prompt
     from ollama_ft.evaluation.gguf_model import GGUFModel
     from ollama_ft.ollama_base.resolve import of_run
+    from ollama_ft.run import Run
     from ollama_ft.train.generate import greedy_continuation
 
-    report = json.loads((run / "report.json").read_text())
-    ob, fmt = of_run(report)
-    ckpt = Path(report["train"]["base_path"])
+    ob, fmt = of_run(run)
+    ckpt = Run.open(run).base_path()
     tok = AutoTokenizer.from_pretrained(ckpt)
     examples, encoded, _ = check_data(str(data), tok, fmt, 512, None)
     examples, encoded = examples[:limit], encoded[:limit]
@@ -107,13 +107,13 @@ def fixtures(quant: str, root: Path) -> list[dict]:
     """Tiny DeepSeek fixtures through llama.cpp's converter, quantized, created in a bridge,
     trained from it on a few facts, measured."""
     import httpx
-
     from bench_export import fetch_converter
-    from ollama_ft.export.quantize import llama_quantize
-    from ollama_ft.quants import QUANT_TYPES
-    from ollama_ft.ollama.client import sha256_file
-    from ollama_ft.tinymodel import build_tiny_model
     from smollm2_from_ollama import start
+
+    from ollama_ft.export.quantize import llama_quantize
+    from ollama_ft.ollama.client import sha256_file
+    from ollama_ft.quants import QUANT_TYPES
+    from ollama_ft.tinymodel import build_tiny_model
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import FACTS, FAMILIES, qa_rows, write_jsonl

@@ -77,7 +77,7 @@ def eval_stage(run, eval_data: str | None = None, quant: str | None = None,
     run_dir = run.dir
     from ollama_ft.ollama_base.resolve import of_run
 
-    ollama = of_run(run.report)
+    ollama = of_run(run)
     fmt = ollama[1] if ollama else FORMATS[info.chat_format]
     tokenizer = AutoTokenizer.from_pretrained(info.base_path)
     examples, encoded, source = held_out(run, eval_data, tokenizer, fmt, limit)

@@ -27,6 +27,7 @@ from pathlib import Path
 from ollama_ft.errors import RunDirError
 from ollama_ft.export.errors import DiskSpaceError
 from ollama_ft.run import Run
+from ollama_ft.rundir import temp_path
 
 TMP_PATTERN = re.compile(r"^\.(model-.+\.gguf|adapter\.gguf|base-.+\.gguf|merged|export-f16\.gguf)"
                          r"\.tmp-(\d+)$")
@@ -149,10 +150,6 @@ def check_disk(run_dir: Path, needs: dict[str, int], log=print) -> None:
                              f"about {total / 2**30:.2f} GiB ({items}) and "
                              f"{free / 2**30:.2f} GiB are free; free some space, export fewer "
                              "types (--quant), or move the run to a bigger disk")
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _peak_rss_mb() -> float | None:
@@ -344,7 +341,7 @@ class ExportJob:
     def _finish(self, key: str, created: list[Path], write) -> tuple[Path, int]:
         """write(tmp) under a temporary name, then rename it to the final one."""
         final = self.outputs[key]
-        tmp = _tmp(final)
+        tmp = temp_path(final)
         created.append(tmp)
         self._timed(key, lambda: write(tmp))
         os.replace(tmp, final)
@@ -355,7 +352,7 @@ class ExportJob:
 
         self.alpha_written = adapter_alpha(self.adapter)[0]
         final = self.info.run.adapter_gguf
-        tmp = _tmp(final)
+        tmp = temp_path(final)
         created.append(tmp)
         size = self._timed("adapter", lambda: write_adapter_gguf(
             tmp, self.adapter, self.ckpt, self.base_config, self.general, str(self.info.base_path)))

@@ -19,10 +19,7 @@ import numpy as np
 
 from ollama_ft.errors import ExportError
 from ollama_ft.run import Run
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+from ollama_ft.rundir import temp_path
 
 
 def export_ollama_run(run, merged: bool = False, log=print):
@@ -37,7 +34,7 @@ def export_ollama_run(run, merged: bool = False, log=print):
     t0 = time.perf_counter()
     run = Run.open(run)
     run_dir = run.dir
-    ob, fmt = of_run(run.report)
+    ob, fmt = of_run(run)
     base_path = Path(run.train["base_path"])
     if not (base_path / "config.json").is_file():
         raise ExportError(f"{base_path}: the checkpoint {ob.name} was converted to is gone; "
@@ -54,7 +51,7 @@ def export_ollama_run(run, merged: bool = False, log=print):
                                   size_label=None, license=None, base_model_name=ob.name,
                                   base_model_org=None, base_model_repo_url=None)
         out = run.adapter_gguf
-        tmp = _tmp(out)
+        tmp = temp_path(out)
         try:
             sizes["adapter"] = write_adapter_gguf(tmp, adapter, ckpt, config, general, str(base_path))
             os.replace(tmp, out)
@@ -65,7 +62,7 @@ def export_ollama_run(run, merged: bool = False, log=print):
         if merged:
             quant = ob.quant.lower()
             out = run.gguf(quant)
-            tmp = _tmp(out)
+            tmp = temp_path(out)
             try:
                 log(f"  writing {out.name} ({ob.name}'s GGUF with the LoRA merged in)")
                 notes = write_merged_blob(Path(ob.blob), adapter, config, tmp, log)

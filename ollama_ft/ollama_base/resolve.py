@@ -11,8 +11,7 @@ from pathlib import Path
 
 from ollama_ft.ollama.daemon import OllamaBase
 from ollama_ft.ollama_base.chat import TemplateFormat, template_format
-
-REPORT_KEY = "ollama_base"  # in report.json's train section
+from ollama_ft.run import Run
 
 
 def special_texts(gguf_path: str | Path) -> tuple[str, str, str]:
@@ -41,10 +40,10 @@ def chat_format_of(ob: OllamaBase) -> TemplateFormat:
     return template_format(ob.name, ob.template, ob.stops(), ob.system, bos, eos, bos_token)
 
 
-def of_run(report: dict) -> tuple[OllamaBase, TemplateFormat] | None:
-    """The Ollama base of a run (from its report.json) and its chat format; None when the run's
-    base is not an Ollama model."""
-    raw = (report.get("train") or {}).get(REPORT_KEY)
+def of_run(run) -> tuple[OllamaBase, TemplateFormat] | None:
+    """The Ollama base of a run (a Run or its folder: what train recorded, Run.ollama_base) and
+    its chat format; None when the run's base is not an Ollama model."""
+    raw = Run.open(run).ollama_base
     if not raw:
         return None
     ob = OllamaBase.from_json(raw)

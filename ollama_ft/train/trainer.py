@@ -300,10 +300,11 @@ def _train_section(cfg, base, device, precision, state, out, result, last: dict,
 
 
 def _ollama_base_entry(base) -> dict:
-    from ollama_ft.ollama_base.resolve import REPORT_KEY, report_entry
+    from ollama_ft.ollama_base.resolve import report_entry
+    from ollama_ft.run import OLLAMA_BASE_KEY
 
     entry = report_entry(base)
-    return {REPORT_KEY: entry} if entry else {}
+    return {OLLAMA_BASE_KEY: entry} if entry else {}
 
 
 def _peak():
