@@ -91,13 +91,14 @@ export_stage(sys.argv[1], quants=sys.argv[2], log=lambda *a: None)
 """
 
 COMPARE = r"""
-import json, os, sys, numpy as np, llama_cpp, torch
+import json, os, sys, numpy as np, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from ollama_ft.llamacpp import open_gguf
 text = "<｜begin▁of▁sentence｜>You are a helpful assistant.<｜User｜>What is 2+2? 中文 🚀<｜Assistant｜><think>\n"
 out = {}
 for name, path in zip(("usual", "ours"), sys.argv[1:3]):
-    llm = llama_cpp.Llama(path, n_ctx=128, logits_all=True, verbose=False, n_threads=os.cpu_count())
+    llm = open_gguf(path, n_ctx=128, logits_all=True, verbose=False, n_threads=os.cpu_count())
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)
     llm.eval(ids)
     out[name] = (ids, np.array(llm.scores[: len(ids)], dtype=np.float64))

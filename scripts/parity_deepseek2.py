@@ -60,9 +60,9 @@ def torch_logits(base: Path, adapter: Path, arch: str, ids) -> np.ndarray:
 
 
 def gguf_logits(path: Path, ids) -> np.ndarray:
-    import llama_cpp
+    from ollama_ft.llamacpp import open_gguf
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
+    llm = open_gguf(path, n_ctx=512, logits_all=True, verbose=False)
     llm.eval(ids)
     out = np.array(llm.scores[:len(ids)], dtype=np.float64)
     llm.close()

@@ -26,3 +26,17 @@ def test_no_class_defined_inside_a_function():
     inner = [f"{rel}:{c.lineno} {c.name} in {n.name}" for rel, n in _functions()
              for c in ast.walk(n) if isinstance(c, ast.ClassDef)]
     assert not inner, inner
+
+
+def test_llama_cpp_models_are_opened_in_one_place():
+    """llamacpp.open_gguf decides how a GGUF is opened (llama.cpp#20824: no AMX repacking);
+    a Llama(...) anywhere else in the package would open models around it."""
+    calls = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name == "Llama":
+                    calls.append(f"{path.relative_to(PKG).as_posix()}:{node.lineno}")
+    assert calls and all(c.startswith("llamacpp.py:") for c in calls), calls

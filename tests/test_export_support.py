@@ -88,9 +88,9 @@ def _arch(base) -> str:
 
 
 def llama(path: Path, lora: Path | None = None, vocab_only: bool = False, n_ctx: int = 512):
-    import llama_cpp
+    from ollama_ft.llamacpp import open_gguf
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=not vocab_only,
+    return open_gguf(path, n_ctx=n_ctx, logits_all=not vocab_only,
                            vocab_only=vocab_only, verbose=False, n_threads=2, seed=0,
                            lora_path=str(lora) if lora else None)
 

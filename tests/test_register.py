@@ -61,6 +61,38 @@ def test_unreachable_daemon_keeps_everything_and_prints_the_command(run_copy):
     assert set(before) <= set(after) and "Modelfile" in after
 
 
+def test_a_daemon_that_dies_mid_register_is_a_clean_error(run_copy):
+    """The daemon answers /api/version, then drops every other connection without a reply (as
+    the bridge did when llama.cpp crashed under it): register says what broke, what is kept
+    and how to go on, exit 3 and no traceback."""
+    import socketserver
+    import threading
+
+    class Dies(socketserver.StreamRequestHandler):
+        def handle(self):
+            line = self.rfile.readline()
+            if line.startswith(b"GET /api/version"):
+                body = b'{"version": "0.33.0"}'
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (len(body), body))
+            # anything else: the connection closes unanswered
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Dies)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        before = sorted(p.name for p in run_copy.iterdir())
+        r = subprocess.run([sys.executable, "-m", "ollama_ft", "register", str(run_copy),
+                            "--name", "dies", "--host", f"127.0.0.1:{server.server_address[1]}"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+        assert "the connection to Ollama at" in r.stderr and "broke while registering" in r.stderr
+        assert f"ollama-ft register {run_copy} --name dies:latest" in r.stderr
+        assert set(before) <= {p.name for p in run_copy.iterdir()}
+    finally:
+        server.shutdown()
+        server.server_close()
+
 def test_register_cli_errors_are_clean(run_copy, bridge):
     env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{free_port()}"}
     r = subprocess.run([sys.executable, "-m", "ollama_ft", "register", str(run_copy)],

@@ -14,13 +14,13 @@ class GGUFModel:
                  lora_path: Path | None = None):
         import os
 
-        from llama_cpp import Llama
+        from ollama_ft.llamacpp import open_gguf
 
         self.path = Path(path)
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                             n_threads=threads or os.cpu_count(), seed=0,
-                             lora_path=str(lora_path) if lora_path else None)
+            self.llm = open_gguf(path, n_ctx=n_ctx, logits_all=True, verbose=False,
+                                 n_threads=threads or os.cpu_count(), seed=0,
+                                 lora_path=str(lora_path) if lora_path else None)
         except Exception as e:
             raise OllamaFtError(f"{path}: llama.cpp could not load it ({e}); re-export the run "
                                 "with `ollama-ft export RUN`") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -168,37 +169,54 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
             f"Modelfile are kept in {run_dir}; to register by hand run:\n  "
             f"{create_command(target.short, run_dir)}") from None
     log(f"Ollama {version} at {url}")
-    uploaded, skipped, digests = [], [], {}
-    for field_name, path in files.items():
-        digest = sha256_file(path)
-        (uploaded if _upload(client, path, digest) else skipped).append(path.name)
-        digests[field_name] = {path.name: digest}
-    request = modelfile.to_create_request()
-    if from_model:
-        request["from_"] = from_model
-    try:
-        for status in client.create(model=target.short, stream=True, **digests, **request):
-            if status.status and status.status != "success":
-                log(f"  {status.status}")
-    except ollama.ResponseError as e:
-        message = (f"Ollama refused the model: {e.error} (HTTP {e.status_code}); the "
-                   f"Modelfile is {mf_path}")
-        if "adapters" in digests and "adapter" in str(e.error).lower():
-            raise AdapterRefused(message, str(e.error)) from None
-        raise OllamaError(message) from None
-    reply, verification = "", None
-    if verify:
-        from ollama_ft.ollama.verify import Expected
-        from ollama_ft.ollamafmt.ggufinfo import chat_template
+    with _connection_kept(url, run_dir, target.short):
+        uploaded, skipped, digests = [], [], {}
+        for field_name, path in files.items():
+            digest = sha256_file(path)
+            (uploaded if _upload(client, path, digest) else skipped).append(path.name)
+            digests[field_name] = {path.name: digest}
+        request = modelfile.to_create_request()
+        if from_model:
+            request["from_"] = from_model
+        try:
+            for status in client.create(model=target.short, stream=True, **digests, **request):
+                if status.status and status.status != "success":
+                    log(f"  {status.status}")
+        except ollama.ResponseError as e:
+            message = (f"Ollama refused the model: {e.error} (HTTP {e.status_code}); the "
+                       f"Modelfile is {mf_path}")
+            if "adapters" in digests and "adapter" in str(e.error).lower():
+                raise AdapterRefused(message, str(e.error)) from None
+            raise OllamaError(message) from None
+        reply, verification = "", None
+        if verify:
+            from ollama_ft.ollama.verify import Expected
+            from ollama_ft.ollamafmt.ggufinfo import chat_template
 
-        gguf_template = chat_template(files.get("files") or _shown_blob(url, headers, from_model))
-        reply, verification = _verify(client, url, headers, target.short, request,
-                                      expected or Expected(None), gguf_template)
-        log(f"  Ollama uses the {verification.template}; {verification.prompt}"
-            + (f" ({verification.tokens} tokens)" if verification.tokens else ""))
+            gguf_template = chat_template(files.get("files") or _shown_blob(url, headers, from_model))
+            reply, verification = _verify(client, url, headers, target.short, request,
+                                          expected or Expected(None), gguf_template)
+            log(f"  Ollama uses the {verification.template}; {verification.prompt}"
+                + (f" ({verification.tokens} tokens)" if verification.tokens else ""))
     log(f"registered {target.short}")
     return RegisterResult(target.short, url, version, mf_path, uploaded, skipped, reply,
                           round(time.perf_counter() - t0, 2), verification)
+
+
+@contextmanager
+def _connection_kept(url: str, run_dir: Path, name: str):
+    """A connection to the daemon that breaks half-way (it crashed, or was stopped) is an
+    error that says so, with what is kept and how to go on; never a traceback."""
+    import httpx
+
+    try:
+        yield
+    except (httpx.HTTPError, ConnectionError) as e:
+        raise OllamaUnreachable(
+            f"the connection to Ollama at {url} broke while registering {name} "
+            f"({type(e).__name__}: {e}); the daemon may have stopped or crashed (see its log). "
+            f"The GGUF and Modelfile are kept in {run_dir}; run `ollama-ft register {run_dir} "
+            f"--name {name}` again once it is up, or:\n  {create_command(name, run_dir)}") from None
 
 
 def _shown_blob(url: str, headers: dict, name: str | None) -> Path | None:

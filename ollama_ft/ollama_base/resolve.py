@@ -19,7 +19,9 @@ def special_texts(gguf_path: str | Path) -> tuple[str, str, str]:
     as the daemon's llama.cpp decides them."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    from ollama_ft.llamacpp import open_gguf
+
+    llm = open_gguf(gguf_path, vocab_only=True, verbose=False)
     try:
         vocab = llm._model.vocab
 

@@ -359,13 +359,14 @@ class Engine:
     def _ensure_loaded(self, m: Loaded):
         if m.llm is not None:
             return
-        from llama_cpp import Llama
+        from ollama_ft.llamacpp import open_gguf
 
         t0 = time.perf_counter()
         try:
-            m.llm = Llama(model_path=str(m.model_path), n_ctx=m.n_ctx, n_threads=self.threads,
-                          n_threads_batch=self.threads, lora_path=str(m.adapter_path) if m.adapter_path else None,
-                          n_gpu_layers=m.n_gpu_layers, verbose=False, seed=0)
+            m.llm = open_gguf(m.model_path, n_ctx=m.n_ctx, n_threads=self.threads,
+                              n_threads_batch=self.threads, n_gpu_layers=m.n_gpu_layers,
+                              lora_path=str(m.adapter_path) if m.adapter_path else None,
+                              verbose=False, seed=0)
         except Exception as e:
             from ollama_ft.serve.incidents import incident
 
