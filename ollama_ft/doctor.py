@@ -58,9 +58,11 @@ def run_checks(host: str | None = None, bridge: str = "127.0.0.1:11435",
                      ("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")):
         v = _version(mod, pip)
         checks.append(Check(mod, v is not None, v or "missing", f"pip install {pip}"))
+        if mod == "llama_cpp" and v is not None:
+            checks.append(_amx_check())
     bnb = _version("bitsandbytes")
     checks.append(Check("bitsandbytes", bnb is not None, bnb or "missing (only for --load-in-4bit)",
-                        "pip install bitsandbytes (CUDA only)", required=False))
+                        "pip install 'bitsandbytes>=0.50' (CUDA, or the CPU)", required=False))
     for label, path in (("disk (runs/)", Path.cwd()), ("disk (model store)", _store_root())):
         probe = path if path.exists() else path.parent
         while not probe.exists():
@@ -73,6 +75,24 @@ def run_checks(host: str | None = None, bridge: str = "127.0.0.1:11435",
     checks.append(_http_check("ollama-ft bridge", bridge, daemon=False))
     checks.append(_hub_check(hub_timeout))
     return checks
+
+
+def _amx_check() -> Check:
+    """llama.cpp's AMX kernels crash on quantized models on some Intel CPUs (llama.cpp#20824):
+    whether ollama-ft keeps its models away from them here (ollama_ft/llamacpp.py)."""
+    from ollama_ft.llamacpp import amx_in_use, repack
+
+    name = "llama.cpp kernels"
+    if not amx_in_use():
+        return Check(name, True, "no AMX in use: weights repacked as llama.cpp chooses",
+                     required=False)
+    if repack():
+        return Check(name, False, "AMX CPU with repacking forced on (OLLAMA_FT_LLAMA_REPACK=1): "
+                     "quantized models can crash the bridge and eval (llama.cpp#20824)",
+                     "unset OLLAMA_FT_LLAMA_REPACK", required=False)
+    return Check(name, True, "AMX CPU: the bridge and eval open models without repacking "
+                 "(llama.cpp#20824); an Ollama on this CPU may crash on quantized models, see "
+                 "README (Troubleshooting)", required=False)
 
 
 def _store_root() -> Path:

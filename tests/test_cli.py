@@ -108,3 +108,7 @@ def test_doctor_says_what_is_there_and_what_to_fix():
         assert any(line.startswith("ok") and f" {name} " in line for line in lines), name
     assert any(line.startswith("warn") and "Ollama daemon" in line for line in lines)
     assert "ollama serve" in r.stdout and "HF_HUB_OFFLINE is set" in r.stdout
+    from ollama_ft.llamacpp import amx_in_use
+
+    kernels = next(line for line in lines if " llama.cpp kernels " in line)
+    assert kernels.startswith("ok") and (("AMX CPU" in kernels) == amx_in_use()), kernels
