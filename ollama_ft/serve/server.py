@@ -64,6 +64,9 @@ def serve(listen: str | None = None, api_key: str | None = None, home: str | Non
     import uvicorn
 
     from ollama_ft.serve.app import Bridge
+    from ollama_ft.train.allocator import SERVE_THRESHOLD, limit_heap_caching
+
+    limit_heap_caching(SERVE_THRESHOLD)  # big request buffers go back to the system when freed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_listen(listen)
