@@ -165,9 +165,8 @@ def register(run_dir: str | Path, modelfile, name: str, host: str | None = None,
     except (httpx.HTTPError, ValueError) as e:
         raise OllamaUnreachable(
             f"no Ollama answered at {url} ({type(e).__name__}); start it (`ollama serve`, or "
-            f"`ollama-ft serve` for the bridge) or set OLLAMA_HOST / --host. The GGUF and "
-            f"Modelfile are kept in {run_dir}; to register by hand run:\n  "
-            f"{create_command(target.short, run_dir)}") from None
+            f"`ollama-ft serve` for the bridge) or set OLLAMA_HOST / --host. "
+            + _kept(run_dir, target.short)) from None
     log(f"Ollama {version} at {url}")
     with _connection_kept(url, run_dir, target.short):
         uploaded, skipped, digests = [], [], {}
@@ -215,8 +214,15 @@ def _connection_kept(url: str, run_dir: Path, name: str):
         raise OllamaUnreachable(
             f"the connection to Ollama at {url} broke while registering {name} "
             f"({type(e).__name__}: {e}); the daemon may have stopped or crashed (see its log). "
-            f"The GGUF and Modelfile are kept in {run_dir}; run `ollama-ft register {run_dir} "
-            f"--name {name}` again once it is up, or:\n  {create_command(name, run_dir)}") from None
+            + _kept(run_dir, name, again=True)) from None
+
+
+def _kept(run_dir: Path, name: str, again: bool = False) -> str:
+    """What a registration that could not reach the daemon leaves, and how to go on."""
+    how = (f"run `ollama-ft register {run_dir} --name {name}` again once it is up, or"
+           if again else "to register by hand run")
+    return (f"The GGUF and Modelfile are kept in {run_dir}; {how}:\n  "
+            f"{create_command(name, run_dir)}")
 
 
 def _shown_blob(url: str, headers: dict, name: str | None) -> Path | None:
